@@ -1,0 +1,210 @@
+"""Tests for core.metrics and core.evaluate: hand-computed answers and slow reference loops."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from core.metrics import linear_probe_metrics, retrieval_metrics, zeroshot_metrics
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- zero-shot
+
+
+def test_zeroshot_metrics_hand_case_unbalanced():
+    # 6 classes, labels unbalanced: four samples of class 0, one of 1, one of 2.
+    logits = torch.tensor([
+        [5.0, 1, 1, 1, 1, 1],   # label 0: correct
+        [5.0, 0, 0, 0, 0, 0],   # label 0: correct
+        [5.0, 2, 0, 0, 0, 0],   # label 0: correct
+        [0.0, 1, 2, 3, 4, 5],   # label 0: ranked 6th -> wrong, outside top 5
+        [0.0, 4, 5, 0, 0, 0],   # label 1: ranked 2nd -> wrong at top 1, in top 5
+        [0.0, 0, 9, 0, 0, 0],   # label 2: correct
+    ])
+    labels = torch.tensor([0, 0, 0, 0, 1, 2])
+    m = zeroshot_metrics(logits, labels)
+    assert m["acc1"] == pytest.approx(4 / 6)
+    assert m["acc5"] == pytest.approx(5 / 6)
+    # per class recall: class 0 3/4, class 1 0/1, class 2 1/1; classes 3-5 absent from labels
+    assert m["mean_per_class_recall"] == pytest.approx((0.75 + 0.0 + 1.0) / 3)
+    assert m["mean_per_class_recall"] != pytest.approx(m["acc1"])
+
+
+def test_zeroshot_metrics_fewer_than_five_classes():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([0, 0, 2])
+    m = zeroshot_metrics(logits, labels)
+    assert m["acc1"] == pytest.approx(2 / 3)
+    assert m["acc5"] == 1.0  # top-min(5, 3): every label is in the top 3
+    assert m["mean_per_class_recall"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_zeroshot_metrics_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        zeroshot_metrics(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError):
+        zeroshot_metrics(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+def _slow_retrieval(img, txt, t2i, ks, captions_of_image=None, text_caps=None):
+    """Double loop: rank every candidate for every query with Python sorting."""
+    img = torch.nn.functional.normalize(img, dim=-1)
+    txt = torch.nn.functional.normalize(txt, dim=-1)
+    n_i, n_t = img.shape[0], txt.shape[0]
+
+    def positive(j, i):
+        if t2i[j] == i:
+            return True
+        if text_caps is not None:
+            return text_caps[j].strip() in {c.strip() for c in captions_of_image[i]}
+        return False
+
+    out = {}
+    for k in ks:
+        hits = 0
+        for j in range(n_t):
+            order = sorted(range(n_i), key=lambda i: -float(txt[j] @ img[i]))
+            hits += any(positive(j, i) for i in order[:k])
+        out[f"image_retrieval_recall@{k}"] = hits / n_t
+        hits = 0
+        for i in range(n_i):
+            order = sorted(range(n_t), key=lambda j: -float(img[i] @ txt[j]))
+            hits += any(positive(j, i) for j in order[:k])
+        out[f"text_retrieval_recall@{k}"] = hits / n_i
+    return out
+
+
+def _hand_case():
+    e = torch.eye(3)
+    img = e.clone()
+    txt = torch.stack([
+        e[0],                 # t0 -> img0: rank 1
+        e[1] + 0.5 * e[0],    # t1 -> img0: img1, img0 -> rank 2
+        e[1] + 0.8 * e[2],    # t2 -> img1: rank 1
+        e[2] + 0.5 * e[0],    # t3 -> img1: img2, img0, img1 -> rank 3
+        e[2],                 # t4 -> img2: rank 1
+        e[0] + 0.1 * e[2],    # t5 -> img2: img0, img2 -> rank 2
+    ])
+    t2i = torch.tensor([0, 0, 1, 1, 2, 2])
+    return img, txt, t2i
+
+
+def test_retrieval_hand_case_two_captions_per_image():
+    img, txt, t2i = _hand_case()
+    m = retrieval_metrics(img, txt, t2i, ks=(1, 2, 3))
+    assert m["image_retrieval_recall@1"] == pytest.approx(3 / 6)
+    assert m["image_retrieval_recall@2"] == pytest.approx(5 / 6)
+    assert m["image_retrieval_recall@3"] == pytest.approx(1.0)
+    # image queries: img0 -> t0 first (own); img1 -> t1 (img0's) then t2 (own); img2 -> t4 (own)
+    assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert m["text_retrieval_recall@2"] == pytest.approx(1.0)
+    assert m == pytest.approx(_slow_retrieval(img, txt, t2i, (1, 2, 3)))
+
+
+def test_retrieval_matches_slow_loop_on_random_data():
+    g = torch.Generator().manual_seed(0)
+    n_img, n_txt, d = 23, 57, 8
+    img = torch.randn(n_img, d, generator=g)
+    txt = torch.randn(n_txt, d, generator=g)
+    # every image gets at least one text, the rest at random
+    t2i = torch.cat([torch.arange(n_img), torch.randint(0, n_img, (n_txt - n_img,), generator=g)])
+    ks = (1, 5, 10, 100)
+    assert retrieval_metrics(img, txt, t2i, ks=ks) == pytest.approx(_slow_retrieval(img, txt, t2i, ks))
+    # with captions drawn from a small vocabulary, so identical captions are frequent
+    rng = random.Random(0)
+    texts = [rng.choice(["a dog", "a cat ", " a cat", "a bird", "a car", "a tree"]) for _ in range(n_txt)]
+    caps = [[] for _ in range(n_img)]
+    for t, i in zip(texts, t2i.tolist()):
+        caps[i].append(t)
+    got = retrieval_metrics(img, txt, t2i, texts=texts, ks=ks)
+    assert got == pytest.approx(_slow_retrieval(img, txt, t2i, ks, caps, texts))
+    assert retrieval_metrics(img, txt, t2i, texts=texts, image_captions=caps, ks=ks) == pytest.approx(got)
+
+
+def test_retrieval_chunked_path_matches(monkeypatch):
+    # Force tiny score blocks so the chunk loop runs many times.
+    import core.metrics as cm
+
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(17, 6, generator=g), torch.randn(40, 6, generator=g)
+    t2i = torch.randint(0, 17, (40,), generator=g)
+    whole = retrieval_metrics(img, txt, t2i)
+    monkeypatch.setattr(cm, "_SCORE_BLOCK_ELEMENTS", 50)
+    assert retrieval_metrics(img, txt, t2i) == pytest.approx(whole)
+
+
+def test_retrieval_identical_caption_rule_changes_the_answer():
+    e = torch.eye(3)
+    img = torch.stack([e[0], e[1], e[2]])
+    dog = torch.nn.functional.normalize(e[0] + 0.9 * e[1], dim=0)   # nearer img0 than img1
+    txt = torch.stack([dog, dog, e[2], e[0]])
+    t2i = torch.tensor([0, 1, 2, 2])
+    texts = ["a dog", " a dog ", "a cat", "a bird"]  # t1's caption equals t0's after strip
+    plain = retrieval_metrics(img, txt, t2i, ks=(1,))
+    rule = retrieval_metrics(img, txt, t2i, texts=texts, ks=(1,))
+    # t1 ("a dog", image 1) retrieves image 0 first: a miss, unless image 0's identical caption counts.
+    # t3 ("a bird") also retrieves image 0: a miss either way (different caption).
+    assert plain["image_retrieval_recall@1"] == pytest.approx(2 / 4)
+    assert rule["image_retrieval_recall@1"] == pytest.approx(3 / 4)
+    # image queries: image 1 (e1) has t0 and t1 tied first, both "a dog": a hit under the rule
+    # whichever wins the tie; image 0 retrieves t3 ("a bird", image 2's): still a miss; image 2 hits.
+    assert rule["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    # the same through image_captions in CLIP_benchmark's layout (texts image by image)
+    order = torch.tensor([0, 1, 2, 3])
+    caps = [["a dog"], [" a dog "], ["a cat", "a bird"]]
+    assert retrieval_metrics(img, txt[order], t2i[order], image_captions=caps, ks=(1,)) == pytest.approx(rule)
+
+
+def test_retrieval_rejects_inconsistent_inputs():
+    img, txt, t2i = _hand_case()
+    with pytest.raises(ValueError):
+        retrieval_metrics(img, txt, t2i[:-1])
+    with pytest.raises(ValueError):
+        retrieval_metrics(img, txt, t2i, texts=["x"] * 5)
+    with pytest.raises(ValueError):
+        retrieval_metrics(img, txt, torch.tensor([0, 0, 1, 1, 2, 3]))
+
+
+# ---------------------------------------------------------------- linear probe
+
+
+def _gaussian_classes(n_per_class, n_classes, d, sep, gen):
+    means = torch.zeros(n_classes, d)
+    means[:, :n_classes] = torch.eye(n_classes) * sep
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    x = means[y] + torch.randn(len(y), d, generator=gen)
+    return x, y
+
+
+def test_linear_probe_separable_classes():
+    g = torch.Generator().manual_seed(0)
+    xtr, ytr = _gaussian_classes(30, 4, 16, 6.0, g)
+    xte, yte = _gaussian_classes(30, 4, 16, 6.0, g)
+    # shift and scale features so that standardisation matters
+    xtr, xte = xtr * 50 + 7, xte * 50 + 7
+    m = linear_probe_metrics(xtr, ytr, xte, yte, epochs=50)
+    assert set(m) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
+    assert m["lp_acc1"] >= 0.97
+    assert m["lp_mean_per_class_recall"] >= 0.97
+    assert m["lp_acc5"] == 1.0
+    # deterministic with the seed
+    assert linear_probe_metrics(xtr, ytr, xte, yte, epochs=50) == m
+
+
+def test_linear_probe_random_labels_near_chance():
+    g = torch.Generator().manual_seed(1)
+    n_classes = 10
+    xtr, xte = torch.randn(300, 32, generator=g), torch.randn(1000, 32, generator=g)
+    ytr = torch.randint(0, n_classes, (300,), generator=g)
+    yte = torch.randint(0, n_classes, (1000,), generator=g)
+    m = linear_probe_metrics(xtr, ytr, xte, yte, epochs=50, weight_decay=1e-3)
+    assert abs(m["lp_acc1"] - 1 / n_classes) < 0.05
+    assert abs(m["lp_acc5"] - 5 / n_classes) < 0.07
