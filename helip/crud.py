@@ -1,0 +1,348 @@
+"""Data functions over the service tables (keyword-only): jobs and their state changes, events, metrics, files.
+
+State changes that two processes may race on (claiming, finishing, re-queueing, cancelling) are single
+compare-and-set UPDATEs whose WHERE clause states the expected current state; they return whether they won.
+Functions flush but never commit: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from helip.tables import (
+    ACTIVE_STATUSES, FINISHED_STATUSES, Artifact, Checkpoint, EvalResult, Event, Job, StepMetric, new_job_id,
+    utcnow,
+)
+
+def _cas(session: Session, stmt) -> int:  # noqa: ANN001 - an UPDATE
+    """Run an UPDATE and return how many rows it changed; "fetch" keeps Job objects in the session current."""
+    return session.execute(stmt, execution_options={"synchronize_session": "fetch"}).rowcount
+
+
+# -- jobs ----------------------------------------------------------------------------------------------
+
+
+def create_job(
+    session: Session, *, owner: str, spec: dict[str, Any], seed: int,
+    idempotency_key: str | None = None, request_hash: str | None = None,
+) -> Job:
+    """Insert a queued job; the caller commits before sending its id to the queue."""
+    job = Job(
+        id=new_job_id(), owner=owner, status="queued", spec=spec, seed=seed, created_at=utcnow(),
+        idempotency_key=idempotency_key, request_hash=request_hash, attempts=0, cancel_requested=False,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, *, job_id: str, owner: str | None = None) -> Job | None:
+    """The job, or None when it does not exist or belongs to another owner (callers answer 404 either way)."""
+    stmt = select(Job).where(Job.id == job_id)
+    if owner is not None:
+        stmt = stmt.where(Job.owner == owner)
+    return session.scalars(stmt).one_or_none()
+
+
+def refresh_job(session: Session, *, job_id: str) -> Job | None:
+    """Re-read a job row from the database, discarding what the session cached."""
+    return session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one_or_none()
+
+
+def get_job_by_idempotency_key(session: Session, *, owner: str, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).one_or_none()
+
+
+def list_jobs(session: Session, *, owner: str, limit: int = 20, after: str | None = None) -> tuple[list[Job], bool]:
+    """Newest first; `after` is the id of the last job of the previous page. Returns (jobs, has_more)."""
+    stmt = select(Job).where(Job.owner == owner)
+    if after is not None:
+        anchor = get_job(session, job_id=after, owner=owner)
+        if anchor is None:
+            return [], False
+        stmt = stmt.where(
+            or_(Job.created_at < anchor.created_at, and_(Job.created_at == anchor.created_at, Job.id < anchor.id))
+        )
+    rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def request_cancel(session: Session, *, job_id: str) -> str | None:
+    """Cancel a job: queued -> cancelled at once, running -> cancelling (the worker finishes it).
+
+    Returns the status after the call, or None when the job had already finished (the caller answers 409).
+    """
+    now = utcnow()
+    won = _cas(
+        session,
+        update(Job).where(Job.id == job_id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now)
+    )
+    if won:
+        return "cancelled"
+    won = _cas(
+        session,
+        update(Job).where(Job.id == job_id, Job.status.in_(("running", "cancelling")))
+        .values(status="cancelling", cancel_requested=True)
+    )
+    if won:
+        return "cancelling"
+    return None
+
+
+def claim_job(
+    session: Session, *, job_id: str, worker_id: str, stale_after_seconds: float, max_attempts: int | None = None,
+) -> Job | None:
+    """Take a job for this worker: queued -> running, or running with a stale heartbeat -> running again.
+
+    attempts counts claims (1 on the first run). A redelivered message for a job that is running elsewhere,
+    finished or cancelled claims nothing and gets None: a job never runs twice at once.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after_seconds)
+    taken_over = and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
+    if max_attempts is not None:
+        taken_over = and_(taken_over, Job.attempts < max_attempts)
+    won = _cas(
+        session,
+        update(Job).where(Job.id == job_id, or_(Job.status == "queued", taken_over))
+        .values(
+            status="running", attempts=Job.attempts + 1, worker_id=worker_id, heartbeat_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+    )
+    if not won:
+        return None
+    return refresh_job(session, job_id=job_id)
+
+
+def heartbeat(session: Session, *, job_id: str, worker_id: str) -> bool:
+    """Refresh the heartbeat; False when this worker no longer owns the job (it was re-claimed or finished)."""
+    return bool(_cas(
+        session,
+        update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(("running", "cancelling")))
+        .values(heartbeat_at=utcnow())
+    ))
+
+
+def set_stage(session: Session, *, job_id: str, stage: str) -> None:
+    _cas(session, update(Job).where(Job.id == job_id).values(stage=stage))
+
+
+def set_progress(session: Session, *, job_id: str, progress: dict[str, Any], stage: str | None = None) -> None:
+    """Store the progress object {stage, done, total, step, total_steps, eta_seconds} (and the stage)."""
+    values: dict[str, Any] = {"progress": progress}
+    if stage is not None:
+        values["stage"] = stage
+    _cas(session, update(Job).where(Job.id == job_id).values(**values))
+
+
+def is_cancel_requested(session: Session, *, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def finish_job(
+    session: Session, *, job_id: str, status: str, worker_id: str | None = None,
+    error: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
+) -> bool:
+    """Move an active job to a final status; with `worker_id`, only if that worker still owns it."""
+    if status not in FINISHED_STATUSES:
+        raise ValueError(f"not a final status: {status}")
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+    if worker_id is not None:
+        stmt = stmt.where(Job.worker_id == worker_id)
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
+    if error is not None:
+        values["error"] = error
+    if result is not None:
+        values["result"] = result
+    return bool(_cas(session, stmt.values(**values)))
+
+
+def find_stale_jobs(session: Session, *, stale_after_seconds: float, now: datetime | None = None) -> list[Job]:
+    """Running or cancelling jobs whose heartbeat is older than `stale_after_seconds`: their worker is gone."""
+    stale = (now or utcnow()) - timedelta(seconds=stale_after_seconds)
+    return list(session.scalars(
+        select(Job).where(
+            Job.status.in_(("running", "cancelling")),
+            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
+        ).order_by(Job.heartbeat_at)
+    ))
+
+
+def requeue_job(session: Session, *, job_id: str, stale_after_seconds: float) -> bool:
+    """Stale running -> queued (the reaper then sends the task again); False if someone else moved it first."""
+    stale = utcnow() - timedelta(seconds=stale_after_seconds)
+    return bool(_cas(
+        session,
+        update(Job).where(
+            Job.id == job_id, Job.status == "running",
+            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
+        ).values(status="queued", worker_id=None)
+    ))
+
+
+# -- events --------------------------------------------------------------------------------------------
+
+
+def add_event(
+    session: Session, *, job_id: str, message: str, level: str = "info", data: dict[str, Any] | None = None,
+) -> Event:
+    ev = Event(job_id=job_id, message=message, level=level, data=data or {}, created_at=utcnow())
+    session.add(ev)
+    session.flush()
+    return ev
+
+
+def list_events(session: Session, *, job_id: str, after: int | None = None, limit: int = 100) -> tuple[list[Event], bool]:
+    """Oldest first; `after` is the id of the last event already read."""
+    stmt = select(Event).where(Event.job_id == job_id)
+    if after is not None:
+        stmt = stmt.where(Event.id > after)
+    rows = list(session.scalars(stmt.order_by(Event.id).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+# -- idempotent inserts ----------------------------------------------------------------------------------
+
+
+def _insert(session: Session, table):  # noqa: ANN001, ANN202 - returns a dialect Insert with on_conflict_*
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise RuntimeError(f"unsupported database dialect {name!r} (Postgres or SQLite)")
+
+
+# -- step metrics --------------------------------------------------------------------------------------
+
+
+def record_step(session: Session, *, job_id: str, run: str, step: int, values: dict[str, Any]) -> bool:
+    """Store one optimizer step's values; a step already stored (a resumed run re-logging it) is kept once.
+
+    Returns True when the row is new.
+    """
+    stmt = _insert(session, StepMetric).values(
+        job_id=job_id, run=run, step=step, values=values, created_at=utcnow(),
+    ).on_conflict_do_nothing(index_elements=["job_id", "step", "run"]).returning(StepMetric.id)
+    # RETURNING, not rowcount: drivers disagree on rowcount for a skipped ON CONFLICT insert.
+    return session.execute(stmt).first() is not None
+
+
+def list_steps(
+    session: Session, *, job_id: str, after_step: int | None = None, limit: int = 1000,
+) -> tuple[list[StepMetric], bool]:
+    """Step rows with step > after_step, ordered by (step, run). `limit` counts distinct steps, so a page
+    never splits the runs of one step and `after_step` = the last step read is an exact cursor."""
+    steps_q = select(StepMetric.step).where(StepMetric.job_id == job_id)
+    if after_step is not None:
+        steps_q = steps_q.where(StepMetric.step > after_step)
+    steps = list(session.scalars(steps_q.distinct().order_by(StepMetric.step).limit(limit + 1)))
+    has_more = len(steps) > limit
+    steps = steps[:limit]
+    if not steps:
+        return [], False
+    rows = session.scalars(
+        select(StepMetric).where(StepMetric.job_id == job_id, StepMetric.step.between(steps[0], steps[-1]))
+        .order_by(StepMetric.step, StepMetric.run)
+    )
+    return list(rows), has_more
+
+
+def max_step(session: Session, *, job_id: str, run: str) -> int | None:
+    return session.scalar(select(func.max(StepMetric.step)).where(StepMetric.job_id == job_id, StepMetric.run == run))
+
+
+# -- eval results --------------------------------------------------------------------------------------
+
+
+def record_eval(session: Session, *, job_id: str, model: str, dataset: str, metrics: dict[str, float]) -> None:
+    """Store (or overwrite, when an evaluation is re-run after a resume) one model's metrics on one data set."""
+    for metric, value in metrics.items():
+        stmt = _insert(session, EvalResult).values(
+            job_id=job_id, model=model, dataset=dataset, metric=metric, value=float(value),
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["job_id", "model", "dataset", "metric"], set_={"value": stmt.excluded.value},
+        )
+        session.execute(stmt)
+
+
+def eval_results(session: Session, *, job_id: str) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {dataset: {metric: value}}}, the shape of metrics.json."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    rows = session.scalars(
+        select(EvalResult).where(EvalResult.job_id == job_id)
+        .order_by(EvalResult.model, EvalResult.dataset, EvalResult.metric)
+    )
+    for r in rows:
+        out.setdefault(r.model, {}).setdefault(r.dataset, {})[r.metric] = r.value
+    return out
+
+
+# -- checkpoints and artifacts -------------------------------------------------------------------------
+
+
+def record_checkpoint(
+    session: Session, *, job_id: str, run: str, step: int, key: str, sha256: str, size: int,
+    final: bool = False, metrics: dict[str, Any] | None = None,
+) -> None:
+    """A checkpoint uploaded to the store under `key` (re-uploading the same key updates the row)."""
+    stmt = _insert(session, Checkpoint).values(
+        job_id=job_id, run=run, step=step, key=key, sha256=sha256, size=size, final=final,
+        metrics=metrics, created_at=utcnow(),
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["job_id", "key"],
+        set_={c: stmt.excluded[c] for c in ("run", "step", "sha256", "size", "final", "metrics", "created_at")},
+    )
+    session.execute(stmt)
+
+
+def list_checkpoints(session: Session, *, job_id: str) -> list[Checkpoint]:
+    return list(session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.run, Checkpoint.step, Checkpoint.id)
+    ))
+
+
+def latest_checkpoints(session: Session, *, job_id: str) -> dict[str, Checkpoint]:
+    """The newest checkpoint of each run (highest step; a final one wins a tie): what a resumed job restores."""
+    latest: dict[str, Checkpoint] = {}
+    for ck in list_checkpoints(session, job_id=job_id):
+        cur = latest.get(ck.run)
+        if cur is None or (ck.step, ck.final) >= (cur.step, cur.final):
+            latest[ck.run] = ck
+    return latest
+
+
+def record_artifact(session: Session, *, job_id: str, name: str, key: str, sha256: str, size: int) -> None:
+    """A named job file in the store (hard_pairs, metrics, embeddings, ...); one row per name, last wins."""
+    stmt = _insert(session, Artifact).values(
+        job_id=job_id, name=name, key=key, sha256=sha256, size=size, created_at=utcnow(),
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["job_id", "name"],
+        set_={c: stmt.excluded[c] for c in ("key", "sha256", "size", "created_at")},
+    )
+    session.execute(stmt)
+
+
+def get_artifact(session: Session, *, job_id: str, name: str) -> Artifact | None:
+    return session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)).one_or_none()
+
+
+def list_artifacts(session: Session, *, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def delete_job(session: Session, *, job_id: str) -> None:
+    """Remove a job and all its rows (the store's files are the caller's business)."""
+    for table in (Event, StepMetric, EvalResult, Checkpoint, Artifact):
+        session.execute(delete(table).where(table.job_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id))
