@@ -1,0 +1,167 @@
+"""The one place that knows open_clip: build a model from a spec, load weights safely, save checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from core.errors import ModelError, SpecError
+from core.io import Access, is_s3, read_bytes
+
+# Weights are never fetched from a hub at run time unless the operator allows it explicitly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402  (after HF_HUB_OFFLINE, which huggingface_hub reads at import)
+
+_CONFIG_DIR = Path(tempfile.gettempdir()) / "helip-model-configs"
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model with what it needs to read data: the train/eval transforms and the tokenizer."""
+
+    name: str
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+    pretrained: str | None
+
+
+def register_config(name: str, config: dict[str, Any], *, param: str = "model.config") -> None:
+    """Register a custom open_clip model config under `name`, the way open_clip's own configs are found."""
+    if not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise SpecError("a model config needs embed_dim, vision_cfg and text_cfg (open_clip's schema)", param=param)
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise SpecError("model.name must be letters, digits, '-', '_' or '.' to register a config", param="model.name")
+    _CONFIG_DIR.mkdir(parents=True, exist_ok=True)
+    path = _CONFIG_DIR / f"{name}.json"
+    text = json.dumps(config, sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    open_clip.add_model_config(path)
+
+
+def _is_tag(name: str, pretrained: str) -> bool:
+    return pretrained in open_clip.list_pretrained_tags_by_model(name)
+
+
+def _fetch_weights(pretrained: str, access: Access, cache_dir: Path, param: str) -> str:
+    """Resolve a pretrained value to a local file path; s3:// objects are downloaded once into cache_dir."""
+    loc = access.check(pretrained, param=param)
+    if is_s3(loc):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        dest = cache_dir / ("weights-" + hashlib.sha1(loc.encode()).hexdigest()[:16] + Path(loc).suffix)
+        if not dest.exists():
+            data = read_bytes(loc, access)
+            tmp = dest.with_suffix(".part")
+            tmp.write_bytes(data)
+            tmp.replace(dest)
+        return str(dest)
+    path = loc[len("file://"):] if loc.startswith("file://") else loc
+    if not Path(path).is_file():
+        raise SpecError(f"checkpoint {pretrained} does not exist or is not a file", param=param)
+    return path
+
+
+def resolve_pretrained(name: str, pretrained: str | None, *, access: Access, cache_dir: Path,
+                       param: str = "model.pretrained") -> str | None:
+    """A local checkpoint path for `pretrained`, or the open_clip tag when its weights are already cached.
+
+    Fails at once, before any work, when a tag's weights would have to be downloaded while offline.
+    """
+    if not pretrained:
+        return None
+    if pretrained.startswith(("hf-hub:", "http://", "https://")):
+        raise SpecError(f"{param}: remote weights ({pretrained}) are not fetched; give a local path or s3:// object",
+                        param=param)
+    if _is_tag(name, pretrained):
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        try:
+            return open_clip.download_pretrained(cfg, cache_dir=os.environ.get("HELIP_WEIGHTS_CACHE"))
+        except Exception as exc:  # huggingface_hub raises several types offline
+            raise ModelError(
+                f"the weights for open_clip tag '{pretrained}' of {name} are not cached on this machine and "
+                f"cannot be downloaded (offline): put the checkpoint in an allowed location and give its path "
+                f"or s3:// URL in {param} ({type(exc).__name__})",
+                param=param,
+            ) from None
+    looks_like_tag = "/" not in pretrained and "." not in pretrained and ":" not in pretrained
+    if looks_like_tag and not Path(pretrained).exists():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise SpecError(
+            f"'{pretrained}' is neither a pretrained tag of {name} (known: {', '.join(tags) or 'none'}) nor a file",
+            param=param,
+        )
+    return _fetch_weights(pretrained, access, cache_dir, param)
+
+
+def load_model(name: str, *, config: dict[str, Any] | None = None, pretrained: str | None = None,
+               access: Access | None = None, device: str | torch.device = "cpu",
+               cache_dir: Path | None = None, param_prefix: str = "model") -> LoadedModel:
+    """Build an open_clip model by architecture name (or inline config) and load its weights."""
+    access = access or Access()
+    if config is not None:
+        register_config(name, config, param=f"{param_prefix}.config")
+    if name not in open_clip.list_models():
+        raise SpecError(f"unknown open_clip architecture '{name}' (give model.config for a custom one)",
+                        param=f"{param_prefix}.name")
+    path = resolve_pretrained(name, pretrained, access=access,
+                              cache_dir=cache_dir or Path(tempfile.gettempdir()) / "helip-weights",
+                              param=f"{param_prefix}.pretrained")
+    try:
+        # Without weights, initialise from a fixed seed: every load of the same spec is the same model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                name, pretrained=path, device=device, weights_only=True
+            )
+    except RuntimeError as exc:
+        raise ModelError(f"cannot load weights {pretrained} into {name}: {str(exc).splitlines()[0][:300]}",
+                         param=f"{param_prefix}.pretrained") from None
+    except Exception as exc:  # an unpickling refusal, a corrupt zip, a wrong file type
+        raise ModelError(f"{pretrained} is not a loadable checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                         param=f"{param_prefix}.pretrained") from None
+    return LoadedModel(name, model, pre_train, pre_val, open_clip.get_tokenizer(name), pretrained)
+
+
+def model_from_spec(spec_model, *, access: Access, device, cache_dir: Path | None = None) -> LoadedModel:
+    """`load_model` for a `core.spec.ModelSpec`."""
+    return load_model(spec_model.name, config=spec_model.config, pretrained=spec_model.pretrained,
+                      access=access, device=device, cache_dir=cache_dir)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, *, name: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write an open_clip checkpoint ({"state_dict": ...}) atomically; loadable with pretrained=path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu") for k, v in unwrap(model).state_dict().items()}
+    payload = {"state_dict": state, "name": name, **(extra or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Load a checkpoint or training state with weights_only=True: never unpickles arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{path} is not a safe checkpoint ({type(exc).__name__})") from None

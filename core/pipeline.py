@@ -1,0 +1,215 @@
+"""A whole HELIP job: embed, mine, fine-tune (HELIP and optional control), evaluate, write artifacts.
+
+The same function serves `helip run`, the Celery worker and the tests. It resumes from whatever a
+previous attempt left in `workdir` (embeddings, hard pairs, training states, evaluation results).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.data import PairIndex, build_index
+from core.embed import embed_pairs, load_embeddings, save_embeddings
+from core.errors import DataError, SpecError
+from core.evaluate import evaluate
+from core.io import Access
+from core.mining import MinedPairs, mine_exact, mine_fast, read_hard_pairs, write_hard_pairs
+from core.models import LoadedModel, load_model, model_from_spec
+from core.progress import Reporter
+from core.spec import JobSpec, resolve_spec
+from core.train import RunPlan, final_path, pick_device, plan_steps, train_run, world_size_for
+
+
+@dataclass
+class JobResult:
+    metrics: dict[str, dict[str, dict[str, float]]]
+    artifacts: dict[str, Path]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+
+    return {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()}
+
+
+def lift(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """boosted minus baseline (and minus control) for every metric the models share."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for other in ("baseline", "control"):
+        if other not in metrics or "helip" not in metrics:
+            continue
+        out[f"helip_minus_{other}"] = {
+            ds: {m: v - metrics[other][ds][m] for m, v in vals.items()
+                 if m in metrics[other].get(ds, {}) and not m.startswith("n_")}
+            for ds, vals in metrics["helip"].items() if ds in metrics[other]
+        }
+    return out
+
+
+def _index(spec: JobSpec, access: Access) -> PairIndex:
+    d = spec.data
+    return build_index(d.train, access=access, csv_img_key=d.csv_img_key, csv_caption_key=d.csv_caption_key,
+                       csv_separator=d.csv_separator, max_caption_chars=d.max_caption_chars, param="data.train")
+
+
+def _check_bad(index: PairIndex, spec: JobSpec, reporter: Reporter) -> None:
+    report = index.report()
+    if report.get("bad", 0):
+        reporter.event(f"{report['bad']} of {report['rows']} samples are unusable and left out",
+                       level="warning", data={**report, "examples": dict(list(index.bad.items())[:20])})
+    frac = report.get("bad", 0) / max(1, report["rows"])
+    if frac > spec.data.max_bad_fraction:
+        raise DataError(f"{report['bad']} of {report['rows']} samples ({frac:.1%}) are unusable, more than "
+                        f"data.max_bad_fraction ({spec.data.max_bad_fraction:.1%}); first: "
+                        f"{list(index.bad.items())[:3]}", param="data.max_bad_fraction")
+
+
+def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: Path) -> LoadedModel:
+    enc = spec.mining.encoder
+    if enc == "self":
+        return loaded
+    if enc == "unimodal":
+        raise SpecError("mining.encoder 'unimodal' (sentence-transformers + DINOv2) is not available in this "
+                        "version; use 'self' or an open_clip model name", param="mining.encoder")
+    return load_model(enc, pretrained=spec.mining.encoder_pretrained, access=access, device=device,
+                      cache_dir=workdir / "weights", param_prefix="mining.encoder")
+
+
+def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray, device,
+          reporter: Reporter) -> MinedPairs:
+    m = spec.mining
+    kw = dict(top_k=m.top_k, valid=valid, same_caption_threshold=m.same_caption_threshold,
+              duplicate_threshold=m.duplicate_threshold, clamp_negative=m.clamp_negative, device=device,
+              progress=lambda done, total: reporter.progress("mining", done, total))
+    t, v = torch.from_numpy(text), torch.from_numpy(image)
+    if m.method == "exact":
+        return mine_exact(t, v, block_size=m.block_size, **kw)
+    return mine_fast(t, v, candidates=m.candidates, reference_size=m.reference_size,
+                     recall_sample=m.recall_sample, seed=spec.train.seed, **kw)
+
+
+def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, device, workdir: Path,
+              reporter: Reporter) -> dict[str, dict[str, float]]:
+    cache = workdir / f"eval_{name}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, spec.eval, access=access,
+                   device=device, batch_size=spec.eval.batch_size, workers=spec.data.workers,
+                   precision=spec.train.precision, reporter=reporter)
+    for ds, vals in res.items():
+        reporter.eval_result(name, ds, vals)
+    cache.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _train(plan: RunPlan, spec: JobSpec, index: PairIndex, neighbors, access: Access, device, workdir: Path,
+           reporter: Reporter) -> Path:
+    if final_path(workdir, plan.run).exists():
+        return final_path(workdir, plan.run)
+    world = world_size_for(spec, device)
+    if world > 1:
+        from core.distributed import train_distributed
+
+        train_distributed(world, device.type, reporter, plan=plan, spec=spec, index=index, neighbors=neighbors,
+                          access=access, workdir=str(workdir))
+        return final_path(workdir, plan.run)
+    loaded = model_from_spec(spec.model, access=access, device=device, cache_dir=workdir / "weights")
+    return train_run(plan, loaded=loaded, index=index, access=access, neighbors=neighbors, spec=spec,
+                     workdir=workdir, reporter=reporter, device=device)
+
+
+def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None, reporter: Reporter,
+            device: str | None = None, mine_only: bool = False) -> JobResult:
+    """Run the whole job (or only embedding + mining) and write its artifacts under `workdir`."""
+    spec = resolve_spec(spec)
+    access = access or Access()
+    workdir = Path(workdir)
+    (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    (workdir / "spec.json").write_text(spec.model_dump_json(indent=1))
+    reporter.event("job spec resolved", data={"spec": spec.model_dump(mode="json"), "versions": versions(),
+                                              "device": str(dev)})
+
+    # Fail fast on the model (an uncached tag offline, a bad checkpoint) before reading any data.
+    loaded = model_from_spec(spec.model, access=access, device=dev, cache_dir=workdir / "weights")
+    index = _index(spec, access)
+    reporter.event(f"indexed {len(index)} training pairs", data=index.report())
+
+    reporter.stage("embedding")
+    emb_path = workdir / "embeddings.npz"
+    cached = load_embeddings(emb_path, len(index))
+    if cached is not None:
+        text, image, valid = cached
+        for row in np.flatnonzero(~valid & index.valid_mask()):
+            index.mark_bad(int(row), "unreadable image (found while embedding)")
+        reporter.event("embeddings restored from a previous attempt")
+    else:
+        miner = _miner(spec, loaded, access, dev, workdir)
+        text, image, rep = embed_pairs(miner, index, access, device=dev, batch_size=spec.mining.batch_size,
+                                       workers=spec.data.workers, precision=spec.train.precision, reporter=reporter)
+        save_embeddings(emb_path, text, image, index.valid_mask())
+        reporter.event(f"embedded {rep['pairs']} pairs at {rep['pairs_per_second']:.0f}/s", data=rep)
+        if miner is not loaded:
+            del miner
+    timings["embedding"] = time.perf_counter() - t0
+    _check_bad(index, spec, reporter)
+
+    reporter.stage("mining")
+    t1 = time.perf_counter()
+    pairs_path = workdir / "hard_pairs.parquet"
+    if pairs_path.exists():
+        mined, _ = read_hard_pairs(pairs_path)
+        reporter.event("hard pairs restored from a previous attempt")
+    else:
+        mined = _mine(spec, text, image, index.valid_mask(), dev, reporter)
+        write_hard_pairs(pairs_path, mined, index.keys)
+        reporter.event(f"mined {spec.mining.top_k} hard pairs for {int(index.valid_mask().sum())} pairs "
+                       f"({spec.mining.method})", data=mined.report)
+    timings["mining"] = time.perf_counter() - t1
+    artifacts: dict[str, Path] = {"hard_pairs": pairs_path}
+    del text, image
+    if mine_only:
+        return JobResult(metrics={}, artifacts=artifacts, summary={"timings": timings, "mining": mined.report})
+
+    reporter.stage("training")
+    t2 = time.perf_counter()
+    steps = plan_steps(int(index.valid_mask().sum()), spec)
+    runs = [RunPlan("helip", spec.helip.hard_per_target, steps, spec.train.batch_size)]
+    if spec.control:
+        runs.append(RunPlan("control", 0, steps, spec.train.batch_size))
+    del loaded
+    for plan in runs:
+        artifacts[f"checkpoint:{plan.run}"] = _train(plan, spec, index, mined.neighbors, access, dev, workdir,
+                                                     reporter)
+    timings["training"] = time.perf_counter() - t2
+
+    reporter.stage("evaluating")
+    t3 = time.perf_counter()
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    models = [("baseline", spec.model.pretrained)] + [(p.run, str(final_path(workdir, p.run))) for p in runs]
+    for name, weights in models:
+        m = load_model(spec.model.name, config=spec.model.config, pretrained=weights,
+                       access=access if name == "baseline" else Access(), device=dev, cache_dir=workdir / "weights")
+        metrics[name] = _evaluate(name, m, spec, access, dev, workdir, reporter)
+        del m
+    timings["evaluating"] = time.perf_counter() - t3
+    doc = {**metrics, "lift": lift(metrics)}
+    (workdir / "metrics.json").write_text(json.dumps(doc, indent=1))
+    artifacts["metrics"] = workdir / "metrics.json"
+    timings["total"] = time.perf_counter() - t0
+    summary = {"timings": timings, "steps": steps, "mining": mined.report, "data": index.report(),
+               "seed": spec.train.seed}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    reporter.event("job finished", data=summary)
+    return JobResult(metrics=metrics, artifacts=artifacts, summary=summary)

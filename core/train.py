@@ -1,0 +1,310 @@
+"""Fine-tuning: the HELIP (or plain control) training loop, single process or one rank of DDP.
+
+Reads top to bottom: plan the steps, build optimizer and schedule, resume if a training state exists,
+then loop over hard-pair batches with the contrastive + margin loss, checkpointing as it goes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from core.data import PairDataset, PairIndex, collate_pairs
+from core.errors import DataError, JobCancelled
+from core.io import Access
+from core.losses import HelipLoss, SimCLRLoss
+from core.models import LoadedModel, load_state, save_checkpoint, unwrap
+from core.progress import Reporter
+from core.sampler import HardPairBatchSampler, hard_pair_mask
+from core.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one training run does: `run` names it in metrics and checkpoints."""
+
+    run: str                 # "helip", "control" or "pretrain"
+    hard_per_target: int     # 0: plain batches (the control)
+    total_steps: int
+    batch_size: int          # global, per optimizer step
+
+    @property
+    def group(self) -> int:
+        return 1 + self.hard_per_target
+
+
+def plan_steps(n_valid: int, spec: JobSpec) -> int:
+    """Optimizer steps of the HELIP run; the control run takes the same number (HELIP.md section 4)."""
+    targets = spec.train.batch_size // (1 + spec.helip.hard_per_target)
+    per_epoch = n_valid // targets
+    if per_epoch == 0:
+        raise DataError(
+            f"{n_valid} usable pairs are fewer than the {targets} targets one batch needs",
+            param="train.batch_size",
+        )
+    steps = max(1, math.ceil(spec.train.epochs * per_epoch))
+    if spec.train.max_steps is not None:
+        steps = min(steps, spec.train.max_steps)
+    return steps
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on GPU by default, none (fp32) on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up then cosine decay to zero, as open_clip's cosine_lr."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on gains, biases, norms and the logit scale (open_clip's rule)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class _SslViews:
+    """Transform giving [3, C, H, W]: the CLIP view and two SimCLR views of the same image (SLIP)."""
+
+    def __init__(self, clip_transform, image_size: int, mean, std):
+        from torchvision import transforms as T
+
+        self.clip = clip_transform
+        self.aug = T.Compose([
+            T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ])
+
+    def __call__(self, img):
+        return torch.stack([self.clip(img), self.aug(img), self.aug(img)])
+
+
+def _ssl_transform(loaded: LoadedModel):
+    norm = next(t for t in loaded.preprocess_val.transforms if type(t).__name__ == "Normalize")
+    size = unwrap(loaded.model).visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return _SslViews(loaded.preprocess_train, size, norm.mean, norm.std)
+
+
+def _forward(model, images, texts):
+    out = model(images, texts)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def _micro_slices(batch_len: int, accum: int, group: int) -> list[slice]:
+    """Split a batch into `accum` micro-batches on group boundaries (a target stays with its hard pairs)."""
+    groups = batch_len // group
+    if accum <= 1 or groups < accum:
+        return [slice(0, batch_len)]
+    per = groups // accum
+    cuts = [i * per * group for i in range(accum)] + [batch_len]
+    return [slice(cuts[i], cuts[i + 1]) for i in range(accum)]
+
+
+def state_path(workdir: Path, run: str) -> Path:
+    return Path(workdir) / "checkpoints" / f"{run}_latest.pt"
+
+
+def final_path(workdir: Path, run: str) -> Path:
+    return Path(workdir) / "checkpoints" / f"{run}_final.pt"
+
+
+def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: Access,
+              neighbors: np.ndarray | None, spec: JobSpec, workdir: Path, reporter: Reporter,
+              device: torch.device, rank: int = 0, world_size: int = 1) -> Path:
+    """Train `loaded.model` in place for plan.total_steps and return the final checkpoint's path."""
+    t, h = spec.train, spec.helip
+    workdir = Path(workdir)
+    if final_path(workdir, plan.run).exists():
+        reporter.event(f"{plan.run}: final checkpoint already present, training skipped")
+        return final_path(workdir, plan.run)
+    targets_global = plan.batch_size // plan.group
+    if targets_global % world_size:
+        raise DataError(f"train.batch_size {plan.batch_size} gives {targets_global} targets per step, "
+                        f"not divisible by {world_size} processes", param="train.batch_size")
+    torch.manual_seed(t.seed + rank)
+    autocast_dtype = resolve_precision(t.precision, device)
+
+    model = loaded.model.to(device).train()
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    base = unwrap(model)
+    optimizer = torch.optim.AdamW(_param_groups(base, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                  eps=t.eps, fused=device.type == "cuda")
+    warmup = int(t.warmup) if t.warmup >= 1 else int(round(t.warmup * plan.total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(max(1, warmup), plan.total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    loss_fn = HelipLoss(gamma=h.gamma if plan.hard_per_target else 0.0, margin=h.margin,
+                        symmetric=h.margin_symmetric, rank=rank, world_size=world_size)
+    ssl_fn = SimCLRLoss() if t.ssl_weight > 0 else None
+    fwd_model = torch.compile(model) if t.compile and device.type == "cuda" else model
+
+    valid = index.valid_mask()
+    table = neighbors if neighbors is not None else np.full((len(index), 1), -1, dtype=np.int64)
+    sampler = HardPairBatchSampler(
+        table, targets_per_batch=targets_global // world_size, hard_per_target=plan.hard_per_target,
+        sample_from=h.sample_from, valid=valid, captions=index.captions, dedupe_captions=h.dedupe_captions,
+        seed=t.seed, rank=rank, world_size=world_size)
+    if len(sampler) == 0:
+        raise DataError("not enough usable pairs for one batch", param="train.batch_size")
+    transform = _ssl_transform(loaded) if ssl_fn else loaded.preprocess_train
+    dataset = PairDataset(index, access, transform, loaded.tokenizer)
+
+    step, epoch, start_batch = 0, 0, 0
+    state_file = state_path(workdir, plan.run)
+    if state_file.exists():
+        state = load_state(state_file)
+        base.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        reporter.event(f"{plan.run}: resumed from step {step}", data={"run": plan.run, "resumed_step": step})
+
+    def save_state(batch_in_epoch: int) -> None:
+        if rank != 0:
+            return
+        save_checkpoint(state_file, model, name=loaded.name, extra={
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "run": plan.run})
+        reporter.checkpoint(plan.run, step, state_file, final=False)
+
+    reporter.event(f"{plan.run}: training {plan.total_steps} steps of {plan.batch_size} "
+                   f"({plan.group} per target) on {world_size} process(es), {device.type}",
+                   data={"run": plan.run, "steps": plan.total_steps, "batch_size": plan.batch_size,
+                         "hard_per_target": plan.hard_per_target, "warmup_steps": warmup})
+    cancel_flag = torch.zeros(1, device=device if device.type == "cuda" else "cpu")
+    seen, window_t, window_n = 0, time.perf_counter(), 0
+    bad_seen = 0
+    while step < plan.total_steps:
+        sampler.set_epoch(epoch, start_batch)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=spec.data.workers,
+                            collate_fn=collate_pairs, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        batch_in_epoch = start_batch
+        for batch in loader:
+            images = batch["images"].to(device, non_blocking=True)
+            texts = batch["texts"].to(device, non_blocking=True)
+            rows = batch["rows"]
+            if batch["bad_rows"]:
+                bad_seen += len(batch["bad_rows"])
+                reporter.event(f"{plan.run}: {len(batch['bad_rows'])} unreadable image(s) left out of a batch",
+                               level="warning", data={"rows": [r for r, _ in batch["bad_rows"]][:20]})
+            mask = None
+            if plan.hard_per_target and not batch["bad_rows"]:
+                mask = hard_pair_mask(rows, table, plan.group, h.sample_from).to(device)
+            terms_sum: dict[str, float] = {}
+            slices = _micro_slices(len(rows), t.accum_steps, plan.group)
+            for sl in slices:
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    if ssl_fn is not None:
+                        views = images[sl]
+                        n = views.shape[0]
+                        img_f, txt_f, scale = _forward(fwd_model, views.flatten(0, 1), texts[sl])
+                        img_f = img_f.view(n, 3, -1)
+                        terms = loss_fn(img_f[:, 0], txt_f, scale, None if mask is None else mask[sl, sl])
+                        terms["ssl_loss"] = t.ssl_weight * ssl_fn(img_f[:, 1], img_f[:, 2])
+                    else:
+                        img_f, txt_f, scale = _forward(fwd_model, images[sl], texts[sl])
+                        terms = loss_fn(img_f, txt_f, scale, None if mask is None else mask[sl, sl])
+                    total = sum(terms.values()) / len(slices)
+                scaler.scale(total).backward()
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(slices)
+            if t.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(base.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            with torch.no_grad():
+                base.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            batch_in_epoch += 1
+            seen += len(rows) * world_size
+            window_n += len(rows) * world_size
+
+            if step % t.log_every == 0 or step == plan.total_steps or step == 1:
+                now = time.perf_counter()
+                values = {**terms_sum, "loss": sum(terms_sum.values()), "lr": scheduler.get_last_lr()[0],
+                          "samples_per_second": window_n / max(now - window_t, 1e-9),
+                          "logit_scale": float(base.logit_scale.exp()), "epoch": epoch}
+                window_t, window_n = now, 0
+                if rank == 0:
+                    reporter.step(plan.run, step, plan.total_steps, values)
+            if rank == 0:
+                cancel_flag.fill_(1.0 if reporter.should_cancel() else 0.0)
+            if world_size > 1:
+                torch.distributed.all_reduce(cancel_flag)
+            if cancel_flag.item() > 0:
+                save_state(batch_in_epoch)
+                raise JobCancelled(f"{plan.run}: cancelled at step {step}; state saved")
+            if step % t.checkpoint_every == 0 and step < plan.total_steps:
+                save_state(batch_in_epoch)
+            if step >= plan.total_steps:
+                break
+        else:
+            epoch, start_batch = epoch + 1, 0
+            continue
+        break
+
+    stats = dict(sampler.stats)
+    if rank == 0:
+        save_state(batch_in_epoch)
+        out = save_checkpoint(final_path(workdir, plan.run), model, name=loaded.name,
+                              extra={"step": step, "run": plan.run})
+        reporter.event(f"{plan.run}: done, {step} steps, {seen} samples",
+                       data={"run": plan.run, "sampler": stats, "unreadable_in_training": bad_seen})
+        reporter.checkpoint(plan.run, step, out, final=True)
+    return final_path(workdir, plan.run)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The device a job runs on: the one asked for, else the first GPU, else the CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def world_size_for(spec: JobSpec, device: torch.device) -> int:
+    """DDP processes: spec.train.devices, else every visible GPU, else 1."""
+    if spec.train.devices:
+        return spec.train.devices
+    if device.type == "cuda":
+        return max(1, torch.cuda.device_count())
+    return int(os.environ.get("HELIP_CPU_PROCESSES", "1"))

@@ -1,0 +1,155 @@
+"""The `helip` command: run or mine a job locally, serve the API, start a worker, the demo, the synthetic world."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="helip: boost a trained CLIP model with hard pairs mined from its own data (HELIP).")
+
+
+def _fail(exc: Exception) -> None:
+    """One domain exception becomes a clear message and exit code 1 at the edge."""
+    code, param = getattr(exc, "code", "error"), getattr(exc, "param", None)
+    where = f" [{param}]" if param else ""
+    typer.secho(f"error ({code}){where}: {getattr(exc, 'message', str(exc))}", fg="red", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (CONTRACT.md)"),
+        out: Path = typer.Option(..., "--out", help="output directory (re-running resumes from it)"),
+        device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: first GPU, else CPU)"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars")) -> None:
+    """Run a whole job locally: embed, mine, fine-tune, evaluate. Writes metrics.json, hard_pairs.parquet,
+    checkpoints/*.pt under OUT."""
+    from core.errors import HelipError
+    from core.pipeline import run_job
+    from core.spec import load_spec_file
+    from helip.terminal import TerminalReporter, print_metrics
+
+    try:
+        job = load_spec_file(spec)
+        with TerminalReporter(quiet=quiet) as rep:
+            res = run_job(job, out, reporter=rep, device=device)
+    except HelipError as exc:
+        _fail(exc)
+    print_metrics(res.metrics)
+    typer.echo(f"\nmetrics: {out / 'metrics.json'}\nhard pairs: {res.artifacts['hard_pairs']}")
+    for k, v in res.artifacts.items():
+        if k.startswith("checkpoint:"):
+            typer.echo(f"{k.split(':')[1]} checkpoint: {v}")
+
+
+@app.command()
+def mine(spec: Path = typer.Argument(..., help="job spec, JSON or YAML"),
+         out: Path = typer.Option(..., "--out", help="output directory"),
+         device: Optional[str] = typer.Option(None), quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+    """Only embed and mine: writes OUT/hard_pairs.parquet."""
+    from core.errors import HelipError
+    from core.pipeline import run_job
+    from core.spec import load_spec_file
+    from helip.terminal import TerminalReporter
+
+    try:
+        job = load_spec_file(spec)
+        with TerminalReporter(quiet=quiet) as rep:
+            res = run_job(job, out, reporter=rep, device=device, mine_only=True)
+    except HelipError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(res.summary["mining"], indent=1, default=str))
+    typer.echo(f"hard pairs: {res.artifacts['hard_pairs']}")
+
+
+@app.command()
+def synth(out: Path = typer.Argument(..., help="directory of the synthetic world"),
+          n_train: int = typer.Option(12_000, help="training pairs"),
+          image_size: int = typer.Option(32), seed: int = typer.Option(0)) -> None:
+    """Generate the synthetic image-caption world (train CSV + shards, zero-shot, retrieval, probe splits)."""
+    from core.synth import generate_world
+
+    world = generate_world(out, n_train=n_train, image_size=image_size, seed=seed)
+    typer.echo(json.dumps({k: str(v) for k, v in vars(world).items() if k not in ("classnames", "templates")},
+                          indent=1))
+
+
+@app.command()
+def pretrain(world: Path = typer.Argument(..., help="a synthetic world directory (helip synth)"),
+             out: Path = typer.Option(..., "--out", help="where the base checkpoint goes"),
+             steps: int = typer.Option(1500), batch_size: int = typer.Option(128), lr: float = typer.Option(1e-3),
+             seed: int = typer.Option(0), device: Optional[str] = typer.Option(None)) -> None:
+    """Pretrain the small base CLIP on a synthetic world (the model HELIP then boosts)."""
+    from core.pretrain import pretrain_base
+    from core.synth import load_world
+    from helip.terminal import TerminalReporter
+
+    w = load_world(world)
+    with TerminalReporter() as rep:
+        path = pretrain_base(w.train_csv, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                             device=device, reporter=rep)
+    typer.echo(f"base checkpoint: {path}")
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", envvar="HELIP_HOST"),
+          port: int = typer.Option(8000, envvar="HELIP_PORT"),
+          workers: int = typer.Option(1, help="uvicorn worker processes")) -> None:
+    """The REST API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+
+
+@app.command()
+def worker(concurrency: int = typer.Option(1, help="jobs at once: one per GPU"),
+           queues: Optional[str] = typer.Option(None, help="comma-separated Celery queues"),
+           loglevel: str = typer.Option("info")) -> None:
+    """A Celery worker that runs jobs (one per GPU)."""
+    from worker.celery_app import worker_argv
+
+    argv = worker_argv(concurrency=concurrency, queues=queues, loglevel=loglevel)
+    os.execv(sys.executable, [sys.executable, "-m", "celery", *argv])
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema up to date (alembic upgrade head)."""
+    from helip.db import upgrade_database
+    from helip.settings import get_settings
+
+    upgrade_database(get_settings())
+    typer.echo("database at head")
+
+
+@app.command()
+def reap() -> None:
+    """Re-queue or fail running jobs whose worker stopped sending heartbeats."""
+    from helip.reaper import reap_stale_jobs
+    from helip.settings import get_settings
+
+    typer.echo(json.dumps(reap_stale_jobs(get_settings()), default=str))
+
+
+@app.command()
+def demo(port: int = typer.Option(8765, help="API port"),
+         data_dir: Path = typer.Option(Path(".helip"), envvar="HELIP_DATA_DIR")) -> None:
+    """End-to-end demo on embedded defaults: API + worker, synthetic world, base model, a HELIP job over HTTP."""
+    from helip.demo import run_demo
+
+    raise typer.Exit(run_demo(port=port, data_dir=data_dir))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""`helip demo`: the whole service on embedded defaults, used like any client would use it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from helip.terminal import metrics_table
+
+# Sized so that the first run (world + base model + job) stays well under 10 minutes on 2 CPU cores.
+DEMO_WORLD = {"n_train": 6000, "image_size": 32, "seed": 0}
+DEMO_PRETRAIN = {"steps": 700, "batch_size": 128, "lr": 1e-3, "seed": 0}
+
+
+def demo_spec(world, base: Path) -> dict[str, Any]:
+    """The job the demo submits: HELIP with 3 hard pairs per target, and the plain control of equal length."""
+    from core.pretrain import TINY_CONFIG, TINY_NAME
+
+    return {
+        "model": {"name": TINY_NAME, "config": TINY_CONFIG, "pretrained": str(base)},
+        "data": {"train": str(world.train_csv), "workers": 0},
+        "mining": {"top_k": 50, "method": "exact"},
+        "helip": {"hard_per_target": 3, "sample_from": 50, "gamma": 0.3},
+        "train": {"epochs": 2, "batch_size": 128, "lr": 3e-4, "warmup": 0.05, "seed": 0, "checkpoint_every": 50},
+        "eval": world.eval_spec(),
+        "control": True,
+    }
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API process exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds:
+        return "--:--"
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _poll(client: httpx.Client, job_id: str) -> dict:
+    """Show stage, step, loss and ETA until the job ends; return the final job."""
+    tty = sys.stdout.isatty()
+    last_line, last_print, seen_events = "", 0.0, None
+    started = time.time()
+    while True:
+        job = client.get(f"/jobs/{job_id}").json()
+        params = {"after": seen_events} if seen_events else {}
+        events = client.get(f"/jobs/{job_id}/events", params={**params, "limit": 100}).json().get("data", [])
+        for ev in events:
+            seen_events = ev["id"]
+            if ev.get("level") in ("warning", "error") or ev["message"].startswith(("mined", "embedded", "helip:",
+                                                                                       "control:")):
+                print(("\r" + " " * len(last_line) + "\r") if tty else "", end="")
+                _say(f"  [{ev.get('level', 'info')}] {ev['message']}")
+        prog = job.get("progress") or {}
+        status, stage = job["status"], job.get("stage") or "-"
+        line = f"  {status:9s} stage={stage:10s}"
+        if prog.get("total_steps"):
+            line += f" {prog.get('run', '')} step {prog.get('step', 0)}/{prog['total_steps']}"
+        if prog.get("loss") is not None:
+            line += f" loss {prog['loss']:.3f}"
+        line += f" ETA {_fmt_eta(prog.get('eta_seconds'))}  ({time.time() - started:.0f}s)"
+        if tty:
+            print("\r" + line.ljust(len(last_line)), end="", flush=True)
+        elif line != last_line and time.time() - last_print > 5:
+            _say(line)
+            last_print = time.time()
+        last_line = line
+        if status in ("succeeded", "failed", "cancelled"):
+            if tty:
+                print()
+            return job
+        time.sleep(1.0)
+
+
+def run_demo(*, port: int, data_dir: Path) -> int:
+    from core.pretrain import pretrain_base
+    from core.synth import generate_world
+
+    t0 = time.time()
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HELIP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    for var in ("HELIP_DATABASE_URL", "HELIP_BROKER_URL", "HELIP_STORAGE_URL", "HELIP_API_KEYS"):
+        env.pop(var, None)  # embedded defaults: no servers needed
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("HELIP_", "HF_", "OMP_"))})
+
+    _say(f"helip demo: embedded database, broker and storage under {data_dir}")
+    _say("1/4 synthetic world (cached after the first run)")
+    world = generate_world(data_dir / "world", **DEMO_WORLD)
+    _say(f"    {world.root}: {DEMO_WORLD['n_train']} training pairs, {len(world.classnames)} zero-shot classes")
+    _say("2/4 base CLIP pretrained on it (cached after the first run)")
+    t1 = time.time()
+    base = pretrain_base(world.train_csv, data_dir / "base" / "helip-tiny-vit.pt", **DEMO_PRETRAIN)
+    _say(f"    {base} ({time.time() - t1:.0f}s)")
+
+    _say("3/4 starting the API and a worker")
+    procs: list[subprocess.Popen] = []
+    logs = data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "helip.cli", "serve", "--port", str(port)], env=env,
+                                      stdout=open(logs / "api.log", "w"), stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "helip.cli", "worker", "--concurrency", "1",
+                                       "--loglevel", "warning"], env=env,
+                                      stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT))
+        base_url = f"http://127.0.0.1:{port}"
+        _wait_http(base_url + "/healthz", procs[0])
+        _say(f"    API {base_url} (logs in {logs})")
+        client = httpx.Client(base_url=base_url, timeout=30)
+        spec = demo_spec(world, base)
+        resp = client.post("/jobs", json=spec)
+        if resp.status_code not in (200, 201):
+            _say(f"submission refused: {resp.status_code} {resp.text}")
+            return 1
+        job = resp.json()
+        _say(f"4/4 job {job['id']} submitted: HELIP (3 hard pairs per target) and a plain fine-tune of equal length")
+        job = _poll(client, job["id"])
+        if job["status"] != "succeeded":
+            _say(f"job ended {job['status']}: {json.dumps(job.get('error'))}")
+            return 1
+        metrics = client.get(f"/jobs/{job['id']}/metrics").json().get("eval", {})
+        _say("\n" + metrics_table(metrics, keys=("acc1", "image_retrieval_recall@1", "image_retrieval_recall@5",
+                                                    "text_retrieval_recall@1", "text_retrieval_recall@5")))
+        cks = client.get(f"/jobs/{job['id']}/checkpoints").json().get("data", [])
+        final = [c for c in cks if c.get("final") and c.get("run") == "helip"]
+        pairs = client.get(f"/jobs/{job['id']}/hard-pairs").json()
+        _say("")
+        if final:
+            _say(f"boosted checkpoint: {final[-1].get('url') or final[-1].get('download_url')}")
+        _say(f"mined hard pairs:   {pairs.get('url') or pairs.get('download_url')}")
+        _say(f"job:                {base_url}/jobs/{job['id']}")
+        _say(f"API docs:           {base_url}/docs")
+        _say(f"demo took {time.time() - t0:.0f}s")
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
