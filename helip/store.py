@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -44,8 +44,8 @@ def file_sha256(path: Path) -> tuple[str, int]:
 
 def _clean_key(key: str) -> str:
     """Refuse keys that could escape the store root (`..`, absolute paths)."""
-    parts = PurePosixPath(key).parts
-    if not key or key.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in key:
+    parts = key.split("/")
+    if not key or any(p in ("..", ".", "") for p in parts) or "\\" in key or "\x00" in key:
         raise StorageError(f"invalid store key {key!r}")
     return key
 

@@ -1,0 +1,98 @@
+"""Every error the API returns is JSON {"error": {"code", "message", "param"}}: the handlers that make it so."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import HelipError, SpecError, StorageError
+from core.spec import parse_spec
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    409: "conflict", 413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_request",
+    429: "rate_limited", 503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An HTTP error with a stable code; raised by routes and dependencies."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
+
+
+def error_body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param}, **extra}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, param), status_code=status, headers=headers)
+
+
+def not_found(what: str = "job") -> ApiError:
+    return ApiError(404, "not_found", f"no such {what}")
+
+
+def _validation_param(loc: tuple | list) -> str | None:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        where, parts = parts[0], parts[1:]
+        if where == "header" and parts:
+            return parts[0]
+    return ".".join(parts) or None
+
+
+async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = tuple(first.get("loc", ()))
+    # A job spec body: re-validate with core.spec so the API and `helip run` word errors the same way.
+    if loc and loc[0] == "body" and request.url.path.rstrip("/") == "/jobs" and isinstance(exc.body, dict):
+        try:
+            parse_spec(exc.body)
+        except SpecError as spec_exc:
+            return error_response(422, spec_exc.code, spec_exc.message, spec_exc.param)
+    code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_request"
+    param = _validation_param(loc)
+    msg = str(first.get("msg", "invalid request")).replace("Value error, ", "")
+    return error_response(422, code, f"{param}: {msg}" if param else msg, param)
+
+
+async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+
+
+async def _on_helip_error(request: Request, exc: HelipError) -> JSONResponse:
+    # A store that is down is the service's fault, not the request's: 503, so clients retry.
+    status = 503 if isinstance(exc, StorageError) and exc.code == "storage_error" else 422
+    return error_response(status, exc.code, exc.message, exc.param)
+
+
+async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, None, getattr(exc, "headers", None))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(HelipError, _on_helip_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,164 @@
+"""The /jobs resource: submit, list, read, cancel, and a job's metrics, events, checkpoints and hard pairs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import ContextDep, OwnerDep, SessionDep, SettingsDep, StoreDep
+from api.downloads import download_url
+from api.errors import ApiError, not_found
+from api.hard_pairs import hard_pairs_sample
+from api.schemas import (
+    CheckpointPublic, CheckpointsPage, ErrorResponse, EventPublic, EventsPage, HardPairsPublic, JobCreate, JobPublic, JobsPage,
+    MetricsPage, StepPublic,
+)
+from api.validation import check_locations
+from core.spec import resolve_spec
+from helip import crud
+from helip.queue import send_run_job
+from helip.tables import Job
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+ERRORS = {
+    401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
+    422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
+}
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+
+
+def _owned(session, job_id: str, owner: str) -> Job:  # noqa: ANN001 - SessionDep
+    """The caller's job, else 404 (another key's job is indistinguishable from a missing one)."""
+    job = crud.get_job(session, job_id=job_id, owner=owner)
+    if job is None:
+        raise not_found()
+    return job
+
+
+def _same_request(job: Job, request_hash: str) -> Job:
+    if job.request_hash != request_hash:
+        raise ApiError(409, "idempotency_conflict",
+                       "this Idempotency-Key was already used with a different request body",
+                       param="Idempotency-Key")
+    return job
+
+
+@router.post("", status_code=201, response_model=JobPublic, responses={**ERRORS, 200: {"model": JobPublic},
+                                                                         503: {"model": ErrorResponse}})
+def create_job(body: JobCreate, request: Request, response: Response, session: SessionDep, owner: OwnerDep,
+               settings: SettingsDep, context: ContextDep, idempotency_key: IdempotencyKey = None) -> Job:
+    """Validate the whole spec (fields, allowed and existing locations), store the job, then queue its id.
+
+    With an `Idempotency-Key`, repeating the same request returns the same job (200); the same key with a
+    different body is a 409.
+    """
+    submitted = body.model_dump(mode="json")
+    request_hash = hashlib.sha256(json.dumps(submitted, sort_keys=True).encode()).hexdigest()
+    if idempotency_key:
+        existing = crud.get_job_by_idempotency_key(session, owner=owner, key=idempotency_key)
+        if existing is not None:
+            response.status_code = 200
+            return _same_request(existing, request_hash)
+    check_locations(body, settings.access())
+    spec = resolve_spec(JobCreate.model_validate(submitted))
+    try:
+        job = crud.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
+                              idempotency_key=idempotency_key or None, request_hash=request_hash)
+        session.commit()  # the row exists before the worker can see the message
+    except IntegrityError:
+        session.rollback()  # a concurrent request with the same key won the insert
+        existing = crud.get_job_by_idempotency_key(session, owner=owner, key=idempotency_key or "")
+        if existing is None:
+            raise
+        response.status_code = 200
+        return _same_request(existing, request_hash)
+    try:
+        send_run_job(context.celery, job.id, queue=settings.queue_name)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the job must not stay queued forever
+        log.exception("could not queue %s", job.id)
+        crud.finish_job(session, job_id=job.id, status="failed",
+                        error={"code": "queue_unavailable", "message": f"the job queue is unreachable: {exc}",
+                               "param": None})
+        session.commit()
+        raise ApiError(503, "queue_unavailable", "the job queue is unreachable; retry later") from exc
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job
+
+
+@router.get("", response_model=JobsPage, responses=ERRORS)
+def list_jobs(session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(max_length=64, description="id of the last job seen")] = None):
+    """The caller's jobs, newest first."""
+    jobs, has_more = crud.list_jobs(session, owner=owner, limit=limit, after=after)
+    return {"data": jobs, "has_more": has_more}
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
+def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
+    return _owned(session, job_id, owner)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS)
+def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
+    """queued -> cancelled at once; running -> cancelling (the worker stops at its next check); finished -> 409."""
+    job = _owned(session, job_id, owner)
+    if crud.request_cancel(session, job_id=job.id) is None:
+        raise ApiError(409, "job_finished", f"the job already finished ({job.status})")
+    session.commit()
+    return crud.refresh_job(session, job_id=job.id)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPage, responses=ERRORS)
+def job_metrics(job_id: str, session: SessionDep, owner: OwnerDep,
+                after_step: Annotated[int | None, Query(ge=-1, description="return steps after this one")] = None,
+                limit: Annotated[int, Query(ge=1, le=10000, description="steps per page")] = 1000):
+    """Training step series and evaluation results ({model: {dataset: {metric: value}}})."""
+    _owned(session, job_id, owner)
+    rows, has_more = crud.list_steps(session, job_id=job_id, after_step=after_step, limit=limit)
+    return {
+        "data": [StepPublic.model_validate(r) for r in rows],
+        "eval": crud.eval_results(session, job_id=job_id),
+        "has_more": has_more,
+    }
+
+
+@router.get("/{job_id}/events", response_model=EventsPage, responses=ERRORS)
+def job_events(job_id: str, session: SessionDep, owner: OwnerDep,
+               after: Annotated[int | None, Query(ge=0, description="id of the last event seen")] = None,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+    _owned(session, job_id, owner)
+    rows, has_more = crud.list_events(session, job_id=job_id, after=after, limit=limit)
+    return {"data": [EventPublic.model_validate(r) for r in rows], "has_more": has_more}
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPage, responses=ERRORS)
+def job_checkpoints(job_id: str, request: Request, session: SessionDep, owner: OwnerDep, settings: SettingsDep,
+                    store: StoreDep):
+    """Every uploaded checkpoint with its step, metrics and an expiring download URL."""
+    _owned(session, job_id, owner)
+    out = []
+    for ck in crud.list_checkpoints(session, job_id=job_id):
+        url, expires = download_url(request, settings, store, ck.key)
+        out.append(CheckpointPublic(run=ck.run, step=ck.step, final=ck.final, metrics=ck.metrics, sha256=ck.sha256,
+                                    size=ck.size, created_at=ck.created_at, url=url, expires_at=expires))
+    return {"data": out}
+
+
+@router.get("/{job_id}/hard-pairs", response_model=HardPairsPublic, responses=ERRORS)
+def job_hard_pairs(job_id: str, request: Request, session: SessionDep, owner: OwnerDep, settings: SettingsDep,
+                   store: StoreDep):
+    """The mined table (hard_pairs.parquet): a download URL, its sha256, and the first rows with their keys."""
+    _owned(session, job_id, owner)
+    art = crud.get_artifact(session, job_id=job_id, name="hard_pairs")
+    if art is None:
+        raise ApiError(404, "not_available", "this job has no mined hard pairs yet")
+    url, expires = download_url(request, settings, store, art.key)
+    sample = hard_pairs_sample(store, art.key, art.sha256)
+    return {"url": url, "expires_at": expires, "sha256": art.sha256, "size": art.size, **sample}
