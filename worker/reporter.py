@@ -1,0 +1,208 @@
+"""DbReporter: the worker's Reporter, writing rows and uploading checkpoints; and the heartbeat that keeps the lease."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from helip import crud
+from worker import records
+from worker.files import JobFiles, checkpoint_key, json_safe
+
+log = logging.getLogger(__name__)
+
+
+class Lease:
+    """This worker's hold on a job. `lost` is set once someone else owns it (re-claimed, finished, deleted)."""
+
+    def __init__(self, job_id: str, worker_id: str):
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.lost = threading.Event()
+
+
+class Heartbeat:
+    """A daemon thread that refreshes the job's heartbeat every `interval` seconds while the job runs."""
+
+    def __init__(self, *, sessions: sessionmaker[Session], lease: Lease, interval: float):
+        self.sessions = sessions
+        self.lease = lease
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{lease.job_id}", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+    def beat(self) -> bool:
+        """One heartbeat; False (and the lease marked lost) when the job is no longer ours."""
+        with self.sessions() as session:
+            ok = crud.heartbeat(session, job_id=self.lease.job_id, worker_id=self.lease.worker_id)
+            session.commit()
+        if not ok:
+            self.lease.lost.set()
+        return ok
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.beat():
+                    log.warning("job %s: lease lost (another worker or the reaper took it over)", self.lease.job_id)
+                    return
+            except Exception:  # a database blip: keep beating; the reaper tolerates stale_after_seconds of silence
+                log.exception("job %s: heartbeat failed", self.lease.job_id)
+
+
+class DbReporter:
+    """core.progress.Reporter for a job run by the worker.
+
+    Events, step metrics and evaluation results become rows; stage and progress update the job row
+    (progress at most every `progress_seconds`); each checkpoint is uploaded to the store and recorded
+    before training goes on, so another worker can resume from it. `should_cancel` reads the job row at
+    most every `poll_seconds`, and also says True once the lease is lost, which stops a run that another
+    worker has taken over. A lost lease silences every write.
+    """
+
+    def __init__(self, *, sessions: sessionmaker[Session], lease: Lease, files: JobFiles,
+                 poll_seconds: float = 2.0, progress_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic, retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0)):
+        self.sessions = sessions
+        self.lease = lease
+        self.job_id = lease.job_id
+        self.files = files
+        self.poll_seconds = poll_seconds
+        self.progress_seconds = progress_seconds
+        self.clock = clock
+        self.retry_delays = retry_delays
+        self._progress: dict[str, Any] = {"stage": None, "done": 0, "total": None, "step": None,
+                                          "total_steps": None, "eta_seconds": None}
+        self._stage_t0 = clock()
+        self._last_progress_write = float("-inf")
+        self._run_t0: dict[str, tuple[float, int]] = {}  # run -> (clock, step) when this attempt first saw it
+        self._cancel_checked = float("-inf")
+        self._cancel = False
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def _write(self, what: str, fn: Callable[[Session], Any], *, essential: bool = False) -> Any:
+        """Run `fn` in its own transaction, retrying a dropped connection; a non-essential write that keeps
+        failing is logged and dropped (a lost event must not kill hours of training)."""
+        for attempt, delay in enumerate((*self.retry_delays, None)):
+            try:
+                with self.sessions() as session:
+                    out = fn(session)
+                    session.commit()
+                    return out
+            except (OperationalError, InterfaceError):
+                if delay is None:
+                    if essential:
+                        raise
+                    log.exception("job %s: dropped %s after %d attempts", self.job_id, what, attempt + 1)
+                    return None
+                time.sleep(delay)
+        return None
+
+    def _progress_write(self, *, force: bool) -> None:
+        now = self.clock()
+        if not force and now - self._last_progress_write < self.progress_seconds:
+            return
+        self._last_progress_write = now
+        progress, stage = dict(self._progress), self._progress["stage"]
+        self._write("progress", lambda s: crud.set_progress(s, job_id=self.job_id, progress=progress, stage=stage))
+
+    def _sync_files(self) -> None:
+        if self.lease.lost.is_set():
+            return
+        uploaded = self.files.sync()
+        if uploaded:
+            self._write("event", lambda s: crud.add_event(
+                s, job_id=self.job_id, message=f"saved for resume: {', '.join(uploaded)}", data={"files": uploaded}))
+
+    # -- the Reporter protocol ---------------------------------------------------------------------------
+
+    def stage(self, name: str) -> None:
+        if self.lease.lost.is_set():
+            return
+        self._sync_files()  # what the previous stage produced (embeddings before mining, hard pairs before training)
+        self._stage_t0 = self.clock()
+        self._progress.update(stage=name, done=0, total=None, eta_seconds=None)
+        self._write("stage event", lambda s: crud.add_event(s, job_id=self.job_id, message=f"stage: {name}",
+                                                            data={"stage": name}))
+        self._progress_write(force=True)
+
+    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        if self.lease.lost.is_set():
+            return
+        payload = json_safe(data or {})
+        self._write("event", lambda s: crud.add_event(s, job_id=self.job_id, message=message, level=level,
+                                                      data=payload))
+
+    def progress(self, stage: str, done: int, total: int | None, values: dict[str, float] | None = None) -> None:
+        if self.lease.lost.is_set():
+            return
+        elapsed = self.clock() - self._stage_t0
+        eta = elapsed / done * (total - done) if total and done > 0 else None
+        self._progress.update(stage=stage, done=int(done), total=None if total is None else int(total),
+                              eta_seconds=None if eta is None else round(eta, 1))
+        self._progress_write(force=total is not None and done >= total)
+
+    def step(self, run: str, step: int, total: int, values: dict[str, float]) -> None:
+        if self.lease.lost.is_set():
+            return
+        now = self.clock()
+        t0, s0 = self._run_t0.setdefault(run, (now, step))
+        # ETA from this attempt's own pace: steps restored from a checkpoint cost nothing here.
+        eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
+        self._progress.update(run=run, step=int(step), total_steps=int(total),
+                              eta_seconds=None if eta is None else round(eta, 1))
+        row = json_safe(values)
+        self._write("step", lambda s: crud.record_step(s, job_id=self.job_id, run=run, step=int(step), values=row))
+        self._progress_write(force=step >= total)
+
+    def checkpoint(self, run: str, step: int, path: Path, *, final: bool, metrics: dict[str, Any] | None = None) -> None:
+        if self.lease.lost.is_set():
+            return  # the new owner writes these keys now; do not overwrite its state with ours
+        stored = self.files.upload(Path(path), checkpoint_key(self.job_id, run, step, final=final))
+        extra = json_safe(metrics) if metrics else None
+        self._write("checkpoint row", lambda s: crud.record_checkpoint(
+            s, job_id=self.job_id, run=run, step=int(step), key=stored.key, sha256=stored.sha256, size=stored.size,
+            final=final, metrics=extra), essential=True)
+        self._write("event", lambda s: crud.add_event(
+            s, job_id=self.job_id, message=f"{run}: {'final ' if final else ''}checkpoint at step {step} stored",
+            data={"run": run, "step": int(step), "final": final, "key": stored.key, "sha256": stored.sha256,
+                  "size": stored.size}))
+        self._sync_files()
+
+    def eval_result(self, model: str, dataset: str, metrics: dict[str, float]) -> None:
+        if self.lease.lost.is_set():
+            return
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._write("eval result", lambda s: crud.record_eval(s, job_id=self.job_id, model=model, dataset=dataset,
+                                                              metrics=values))
+        self._sync_files()  # the evaluation cache of the model evaluated before this one
+
+    def should_cancel(self) -> bool:
+        if self.lease.lost.is_set():
+            return True
+        now = self.clock()
+        if now - self._cancel_checked >= self.poll_seconds:
+            self._cancel_checked = now
+            state = self._write("cancel check", lambda s: records.lease_state(
+                s, job_id=self.job_id, worker_id=self.lease.worker_id))
+            if state is not None:
+                if not state.owned:
+                    self.lease.lost.set()
+                self._cancel = state.cancel_requested or not state.owned
+        return self._cancel

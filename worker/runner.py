@@ -1,0 +1,133 @@
+"""One attempt at a job: claim it, keep its lease, restore its files, run the pipeline, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import HelipError, JobCancelled
+from helip import crud
+from helip.settings import Settings
+from helip.store import Store, store_from_settings
+from worker.files import JobFiles, json_safe
+from worker.reporter import DbReporter, Heartbeat, Lease
+
+log = logging.getLogger(__name__)
+
+# The signature of core.pipeline.run_job; injectable so the claim/lease/outcome logic is testable without torch.
+PipelineFn = Callable[..., Any]
+
+
+def worker_identity(hostname: str | None = None) -> str:
+    """Unique per attempt: host, process and a random suffix, so a re-claim by the same process is still new."""
+    return f"{hostname or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _default_pipeline(*args: Any, **kwargs: Any) -> Any:
+    from core.pipeline import run_job  # imported in the job's child process only: torch never loads in the parent
+
+    return run_job(*args, **kwargs)
+
+
+def _commit(sessions: sessionmaker[Session], fn: Callable[[Session], Any], *, tries: int = 5) -> Any:
+    """A state change that must land (the job's outcome): retry a dropped database for a while."""
+    for attempt in range(tries):
+        try:
+            with sessions() as session:
+                out = fn(session)
+                session.commit()
+                return out
+        except (OperationalError, InterfaceError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(min(2.0**attempt, 10.0))
+    return None
+
+
+def execute_job(
+    job_id: str, *, settings: Settings, worker_id: str | None = None,
+    sessions: sessionmaker[Session] | None = None, store: Store | None = None,
+    pipeline: PipelineFn | None = None, device: str | None = None,
+    poll_seconds: float = 2.0,
+) -> str | None:
+    """Run one attempt of `job_id`; returns the final status written, or None when there was nothing to do
+    (the job is not claimable: running elsewhere, finished, cancelled) or the lease was lost midway."""
+    if sessions is None:
+        from helip.db import session_factory
+
+        sessions = session_factory(settings)
+    worker_id = worker_id or worker_identity()
+    job = _commit(sessions, lambda s: crud.claim_job(
+        s, job_id=job_id, worker_id=worker_id, stale_after_seconds=settings.stale_after_seconds,
+        max_attempts=settings.max_attempts))
+    if job is None:
+        log.info("job %s: not claimable (running elsewhere, finished or unknown); message dropped", job_id)
+        return None
+    attempt, spec = job.attempts, job.spec
+    lease = Lease(job_id, worker_id)
+    heartbeat = Heartbeat(sessions=sessions, lease=lease, interval=settings.heartbeat_seconds).start()
+    workdir = Path(settings.data_dir) / "work" / job_id / f"attempt-{attempt}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    try:
+        store = store or store_from_settings(settings)
+        files = JobFiles(store=store, sessions=sessions, job_id=job_id, workdir=workdir)
+        reporter = DbReporter(sessions=sessions, lease=lease, files=files, poll_seconds=poll_seconds)
+        reporter.event(f"attempt {attempt} started", data={"attempt": attempt, "worker": worker_id})
+        restored = files.restore()
+        if restored:
+            reporter.event(f"restored {len(restored)} file(s) saved by an earlier attempt",
+                           data={"files": restored,
+                                 "resumed_steps": {f["run"]: f["step"] for f in restored if "run" in f}})
+        result = (pipeline or _default_pipeline)(spec, workdir, access=settings.access(), reporter=reporter,
+                                                 device=device)
+        if lease.lost.is_set():
+            return _lost(job_id)
+        files.sync()
+        artifacts = files.publish(dict(result.artifacts))
+        outcome = json_safe({"metrics": result.metrics, "summary": result.summary, "artifacts": artifacts})
+        won = _commit(sessions, lambda s: crud.finish_job(s, job_id=job_id, status="succeeded", worker_id=worker_id,
+                                                          result=outcome))
+        return "succeeded" if won else _lost(job_id)
+    except JobCancelled as exc:
+        if lease.lost.is_set():
+            return _lost(job_id)
+        return _finish(sessions, job_id, worker_id, "cancelled", None, f"cancelled: {exc.message}")
+    except HelipError as exc:
+        return _finish(sessions, job_id, worker_id, "failed", exc.to_dict(), f"failed: {exc.message}")
+    except Exception as exc:  # a bug or an unexpected environment failure: never leave the job running
+        log.exception("job %s: internal error", job_id)
+        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "param": None}
+        return _finish(sessions, job_id, worker_id, "failed", error, "failed with an internal error",
+                       data={"traceback": traceback.format_exc()[-8000:]}, level="error")
+    finally:
+        heartbeat.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _lost(job_id: str) -> None:
+    log.warning("job %s: lease lost; another worker or the reaper owns the job now, outcome not recorded", job_id)
+    return None
+
+
+def _finish(sessions: sessionmaker[Session], job_id: str, worker_id: str, status: str, error: dict | None,
+            message: str, *, data: dict[str, Any] | None = None, level: str = "info") -> str | None:
+    def write(session: Session) -> bool:
+        won = crud.finish_job(session, job_id=job_id, status=status, worker_id=worker_id, error=error)
+        if won:
+            crud.add_event(session, job_id=job_id, message=message, level=level if status != "failed" else "error",
+                           data=json_safe({"status": status, "error": error, **(data or {})}))
+        return won
+
+    return status if _commit(sessions, write) else _lost(job_id)
