@@ -1,0 +1,32 @@
+# Two commands for a new user on Debian/Ubuntu with Python 3.11+: `make test` and `make demo`.
+# Each installs whatever is missing first (scripts/ensure_env.sh), then runs.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+# Outside the clone, keyed by the pins: every clone on this machine reuses the same 5.6 GB install.
+VENV ?= $(HOME)/.cache/helip/venv-$(shell sha1sum requirements.txt | cut -c1-10)
+PYTEST_ARGS ?=
+
+# One OpenMP thread: on 2 shared cores torch's default threads starve each other, 4-5x slower
+# (INFRA.md 3c). Offline hub: an open_clip weight lookup would otherwise stall 46 s on DNS retries.
+export OMP_NUM_THREADS := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: env test demo bench clean
+
+env:
+	@VENV="$(VENV)" PYTHON="$(PYTHON)" ./scripts/ensure_env.sh
+
+test: env
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: env
+	$(VENV)/bin/helip demo
+
+bench: env
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+
+# Local state and caches of this clone; the shared venv stays (delete $(VENV) by hand to rebuild it).
+clean:
+	rm -rf .helip .pytest_cache build dist runs *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
