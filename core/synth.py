@@ -125,14 +125,11 @@ def _render_all(
     pool: cf.Executor | None,
     tick: Callable[[int], None],
 ) -> Iterator[tuple[bytes, str]]:
-    if pool is None:
-        for job in jobs:
-            yield _render_one(job)
-            tick(1)
-        return
-    for out in pool.map(_render_one, jobs, chunksize=256):
-        yield out
+    # tick before yield: a consumer that stops at the last item (zip) never resumes the generator.
+    outputs = map(_render_one, jobs) if pool is None else pool.map(_render_one, jobs, chunksize=256)
+    for out in outputs:
         tick(1)
+        yield out
 
 
 def _jobs(attrs: list[Attributes], seed: int, split: str, mode: str, image_size: int):

@@ -78,6 +78,7 @@ _POSITION_FRAMES = ("in the {p}", "at the {p}", "in the {p} of the image")
 _BACKGROUND_FRAMES = ("on a {b} background", "against a {b} backdrop", "with a {b} background")
 _DISTRACTOR_FRAMES = ("next to a tiny {d}", "with a tiny {d} nearby", "and a tiny {d}")
 _SENTENCE_PREFIXES = ("{a}", "a photo of {a}", "an image of {a}", "there is {a}", "a picture of {a}")
+_TERSE = ("{a}", "a photo of {a}", "{c}")
 # Probability that a free-form caption leaves out an attribute (shape and colour are always named).
 _OMIT = {"size": 0.2, "position": 0.2, "background": 0.25, "distractor": 0.4}
 
@@ -187,7 +188,11 @@ def caption(attrs: Attributes, rng: np.random.Generator) -> str:
     dis = None
     if attrs.has_distractor and rng.random() >= _OMIT["distractor"]:
         dis = f"{attrs.distractor_color} {attrs.distractor_shape}"
-    if rng.random() < 0.3:
+    style = rng.random()
+    if style < 0.1:
+        # Terse alt-text ("a red circle"): the main source of identical captions for different images.
+        return _pick(rng, _TERSE).format(a=_article(f"{attrs.color} {attrs.shape}"), c=f"{attrs.color} {attrs.shape}")
+    if style < 0.35:
         # Tag-list style, like keyword alt-text: "navy background, red circle, top left, small".
         tags = [f"{attrs.color} {attrs.shape}"]
         tags += [t for t in (pos, size, f"{bg} background" if bg else None) if t]
