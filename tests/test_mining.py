@@ -1,0 +1,214 @@
+"""core.mining: scores and filters by hand, exact == brute force, fast recall on clustered data, the parquet table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.errors import DataError, SpecError
+from core.mining import (MinedPairs, mine_exact, mine_fast, pair_scores_reference, read_hard_pairs,
+                         write_hard_pairs)
+
+torch.set_num_threads(1)
+
+# Five pairs in 2-D whose cosines are easy to read off.
+TEXT = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0], [-0.6, -0.8]])
+IMAGE = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
+
+
+def test_pair_scores_by_hand() -> None:
+    s = pair_scores_reference(TEXT, IMAGE)
+    assert s[0, 1] == pytest.approx(0.6 * 0.8)  # plain product
+    assert s[0, 2] == pytest.approx(0.0)  # text cosine 0
+    assert s[0, 3] == -1.0  # same caption (text cosine 1) is never hard
+    assert s[3, 0] == -1.0
+    assert s[0, 4] == pytest.approx(0.0)  # (-0.6) * (-1.0): both negative, clamped to 0 first
+    assert s[1, 2] == pytest.approx(0.8 * 0.96)
+    assert np.all(np.diag(s) == -1.0)  # never its own neighbour
+    unclamped = pair_scores_reference(TEXT, IMAGE, clamp_negative=False)
+    assert unclamped[0, 4] == pytest.approx(0.6)  # negative * negative would look like a hard pair
+    # Duplicate filter: image cosine 0.96 of pairs 1 and 2 above a 0.95 threshold -> that cosine is 0.
+    dup = pair_scores_reference(TEXT, IMAGE, duplicate_threshold=0.95)
+    assert dup[1, 2] == 0.0 and dup[0, 1] == pytest.approx(0.48)
+
+
+def test_mine_exact_by_hand() -> None:
+    mined = mine_exact(TEXT, IMAGE, top_k=4)
+    # Row 0: 1 (0.48), then the 0-score ties 2 and 4 by lower index; 3 (same caption) removed; padded.
+    assert mined.neighbors[0].tolist() == [1, 2, 4, -1]
+    np.testing.assert_allclose(mined.scores[0, :3], [0.48, 0.0, 0.0], atol=1e-6)
+    assert np.isnan(mined.scores[0, 3])
+    assert mined.neighbors[1].tolist() == [2, 0, 3, 4]
+    unclamped = mine_exact(TEXT, IMAGE, top_k=4, clamp_negative=False)
+    assert unclamped.neighbors[0].tolist() == [4, 1, 2, -1]
+    r = mined.report
+    assert r["rows"] == 5 and r["valid_rows"] == 5 and r["self_skipped"] == 5
+    assert r["same_caption_filtered"] == 2  # (0, 3) and (3, 0)
+    assert r["short_lists"] == 2  # rows 0 and 3 lost their same-caption partner
+    assert r["duplicate_filtered"] == 0
+    assert mine_exact(TEXT, IMAGE, top_k=4, duplicate_threshold=0.95).report["duplicate_filtered"] == 2
+
+
+def test_invalid_rows_are_neither_queries_nor_candidates() -> None:
+    valid = np.array([True, False, True, True, True])
+    mined = mine_exact(TEXT, IMAGE, top_k=4, valid=valid)
+    assert mined.neighbors[1].tolist() == [-1, -1, -1, -1]
+    assert 1 not in mined.neighbors
+    assert mined.report["valid_rows"] == 4
+
+
+def test_ties_at_the_cut_keep_the_lowest_indices() -> None:
+    n = 3000
+    text = torch.zeros(n, 2)
+    text[:, 1] = 1.0
+    text[0] = torch.tensor([1.0, 0.0])  # text cosine 0 with everyone: every score of row 0 is 0
+    image = F.normalize(torch.randn(n, 2, generator=torch.Generator().manual_seed(0)), dim=-1)
+    mined = mine_exact(text, image, top_k=7, block_size=16)
+    assert mined.neighbors[0].tolist() == [1, 2, 3, 4, 5, 6, 7]
+
+
+def _planted(n: int = 300, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(n, d, generator=g)
+    image = torch.randn(n, d, generator=g)
+    # Planted same captions (identical texts) and near-duplicate images.
+    text[10:20] = text[0]
+    text[100:110] = text[200:210]
+    image[250:260] = image[260:270] + 0.01 * torch.randn(10, d, generator=g)
+    valid = np.random.default_rng(seed).random(n) > 0.1
+    return F.normalize(text, dim=-1), F.normalize(image, dim=-1), valid
+
+
+def _brute_force(text, image, valid, top_k: int, **filters) -> np.ndarray:
+    s = pair_scores_reference(text, image, **filters)
+    out = np.full((len(valid), top_k), -1, dtype=np.int64)
+    for i in np.flatnonzero(valid):
+        cands = [j for j in np.flatnonzero(valid) if s[i, j] != -1.0]
+        cands.sort(key=lambda j: (-s[i, j], j))
+        out[i, :min(top_k, len(cands))] = cands[:top_k]
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted():
+    text, image, valid = _planted()
+    return text, image, valid, _brute_force(text, image, valid, 10)
+
+
+@pytest.mark.parametrize("block_size", [1, 37, 128, 300, 4096])
+def test_mine_exact_equals_brute_force(planted, block_size: int) -> None:
+    text, image, valid, want = planted
+    calls = []
+    mined = mine_exact(text, image, top_k=10, valid=valid, block_size=block_size,
+                       progress=lambda done, total: calls.append((done, total)))
+    np.testing.assert_array_equal(mined.neighbors, want)
+    ref = pair_scores_reference(text, image)
+    rows = np.flatnonzero(valid)
+    np.testing.assert_allclose(mined.scores[rows], np.take_along_axis(ref[rows], want[rows], 1), atol=1e-5)
+    assert calls[-1] == (valid.sum(), valid.sum())
+    r = mined.report
+    # Over all valid ordered pairs: 10 rows of one caption + their source (11 -> 110 ordered pairs), and
+    # 10 planted pairs 100..109 ~ 200..209 (20 ordered pairs), counting valid rows only.
+    same_groups = [[0, *range(10, 20)]] + [[100 + i, 200 + i] for i in range(10)]
+    want_same = sum(len([x for x in g if valid[x]]) * (len([x for x in g if valid[x]]) - 1) for g in same_groups)
+    assert r["same_caption_filtered"] == want_same
+    assert r["duplicate_filtered"] >= 2 * int(sum(valid[250 + i] and valid[260 + i] for i in range(10)))
+    assert r["valid_rows"] == valid.sum() and r["short_lists"] == 0
+
+
+def test_mine_exact_unclamped_equals_brute_force(planted) -> None:
+    text, image, valid, _ = planted
+    want = _brute_force(text, image, valid, 5, clamp_negative=False, duplicate_threshold=0.9)
+    mined = mine_exact(text, image, top_k=5, valid=valid, block_size=64, clamp_negative=False, duplicate_threshold=0.9)
+    np.testing.assert_array_equal(mined.neighbors, want)
+
+
+def test_mine_rejects_bad_input() -> None:
+    with pytest.raises(SpecError) as err:
+        mine_exact(TEXT, IMAGE, top_k=0)
+    assert err.value.param == "mining.top_k"
+    with pytest.raises(DataError):
+        mine_exact(TEXT, IMAGE[:4], top_k=2)
+    with pytest.raises(SpecError) as err:
+        mine_fast(TEXT, IMAGE, top_k=3, candidates=2)
+    assert err.value.param == "mining.candidates"
+
+
+def _clustered(n: int, clusters: int, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centre_t = torch.randn(clusters, d, generator=g)
+    centre_v = torch.randn(clusters, d, generator=g)
+    which = torch.randint(clusters, (n,), generator=g)
+    text = F.normalize(centre_t[which] + 0.35 * torch.randn(n, d, generator=g), dim=-1)
+    image = F.normalize(centre_v[which] + 0.35 * torch.randn(n, d, generator=g), dim=-1)
+    return text, image
+
+
+def test_mine_fast_with_all_candidates_equals_exact(planted) -> None:
+    text, image, valid, want = planted
+    mined = mine_fast(text, image, top_k=10, valid=valid, candidates=int(valid.sum()), recall_sample=50)
+    np.testing.assert_array_equal(mined.neighbors, want)
+    assert mined.report["recall_at_k"] == 1.0 and mined.report["index"] == "flat"
+
+
+def test_mine_fast_flat_recall_on_clustered_data() -> None:
+    text, image = _clustered(3000, 60)
+    mined = mine_fast(text, image, top_k=10, recall_sample=300, seed=1)
+    exact = mine_exact(text, image, top_k=10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(mined.neighbors, exact.neighbors)])
+    assert overlap >= 0.95
+    assert mined.report["recall_at_k"] >= 0.95 and mined.report["recall_queries"] == 300
+    assert abs(mined.report["recall_at_k"] - overlap) < 0.05  # the sampled estimate tracks the truth
+    for key in ("rows", "valid_rows", "same_caption_filtered", "duplicate_filtered", "self_skipped",
+                "short_lists", "seconds", "method", "candidates", "index"):
+        assert key in mined.report
+    assert mined.report["candidates"] == 40
+
+
+def test_mine_fast_ivf_path_and_reference_subset() -> None:
+    text, image = _clustered(20_000, 400, seed=2)
+    mined = mine_fast(text, image, top_k=10, flat_max=1000, recall_sample=300, seed=0)
+    assert mined.report["index"].startswith("ivf")
+    assert mined.report["recall_at_k"] >= 0.95
+    assert 8 <= mined.report["nprobe"] <= int(mined.report["index"][3:])
+    assert (mined.neighbors[:, 0] >= 0).all()
+    # A reference subset bounds the candidates: every neighbour comes from it.
+    small = mine_fast(text[:4000], image[:4000], top_k=5, reference_size=1000, recall_sample=100, seed=3)
+    assert small.report["reference_rows"] == 1000
+    assert len(np.unique(small.neighbors[small.neighbors >= 0])) <= 1000
+    assert 0.0 < small.report["recall_at_k"] < 1.0  # a quarter of the set cannot hold every true neighbour
+
+
+def test_hard_pairs_parquet_round_trip(tmp_path, planted) -> None:
+    text, image, valid, _ = planted
+    mined = mine_exact(text[:40], image[:40], top_k=45, valid=valid[:40])  # short lists: pads at the end
+    keys = [f"shard-{i:05d}.jpg" for i in range(40)]
+    path = tmp_path / "hard_pairs.parquet"
+    write_hard_pairs(path, mined, keys)
+    back, back_keys = read_hard_pairs(path)
+    np.testing.assert_array_equal(back.neighbors, mined.neighbors)
+    np.testing.assert_array_equal(back.scores, mined.scores)  # NaN pads compare equal here
+    np.testing.assert_array_equal(back.valid, valid[:40])
+    assert back_keys == [k if v else "" for k, v in zip(keys, valid[:40])]
+    assert back.report["method"] == "exact"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    assert table.num_rows == valid[:40].sum()
+    assert table.schema.field("neighbors").type.value_type == pa.int64()
+    assert table.schema.field("scores").type.value_type == pa.float32()
+    first = table.slice(0, 1).to_pylist()[0]
+    row = first["row"]
+    assert first["neighbors"] == [x for x in mined.neighbors[row].tolist() if x >= 0]
+    with pytest.raises(DataError):
+        write_hard_pairs(path, mined, keys[:3])
+    with pytest.raises(DataError):
+        read_hard_pairs(tmp_path / "missing.parquet")
+
+
+def test_mined_pairs_valid_defaults_to_all() -> None:
+    mined = MinedPairs(neighbors=np.zeros((3, 2), dtype=np.int64), scores=np.zeros((3, 2), dtype=np.float32))
+    assert mined.valid_rows().tolist() == [True, True, True]
