@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import colorsys
-import io
 import json
 import re
 import tarfile
