@@ -44,8 +44,8 @@ def zeroshot_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     num_classes = logits.shape[1]
     pred = logits.argmax(dim=1)
     return {
-        "acc1": (pred == labels).float().mean().item(),
-        "acc5": _topk_hits(logits, labels, min(5, num_classes)).float().mean().item(),
+        "acc1": (pred == labels).double().mean().item(),
+        "acc5": _topk_hits(logits, labels, min(5, num_classes)).double().mean().item(),
         "mean_per_class_recall": _mean_per_class_recall(pred, labels, num_classes),
     }
 
