@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from core.errors import StorageError
 from helip.store import Store
 
 SAMPLE_ROWS = 20
@@ -49,6 +50,8 @@ def hard_pairs_sample(store: Store, key: str, sha256: str, rows: int = SAMPLE_RO
         return hit
     local = store.local_path(key)
     if local is not None:
+        if not local.is_file():
+            raise StorageError(f"stored file {key!r} is missing")
         out = _read_sample(local, rows)
     else:
         with tempfile.TemporaryDirectory(prefix="helip-hp-") as tmp:

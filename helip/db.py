@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,7 +104,14 @@ def ensure_schema(settings: Settings) -> None:
     with _lock:
         if url in _upgraded:
             return
-        upgrade(url)
+        # The API and the worker may start together on one SQLite file: serialise their upgrades.
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(settings.data_dir / ".migrate.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                upgrade(url)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
         _upgraded.add(url)
 
 

@@ -325,15 +325,21 @@ def test_errors_are_json(client: TestClient) -> None:
     assert r.status_code == 422 and r.json()["error"]["param"] == "after"
 
 
-def test_health_and_readiness(client: TestClient, settings: Settings) -> None:
+def test_health_and_readiness(client: TestClient, settings: Settings, data_dir: Path) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok", "store": "ok"}
     down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_free_port()}/0"})
     with TestClient(create_app(down)) as c:
         r = c.get("/readyz")
-    assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-    assert r.json()["checks"]["database"] == "ok" and r.json()["checks"]["broker"].startswith("error")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert r.json()["checks"]["database"] == "ok" and r.json()["checks"]["broker"].startswith("error")
+        # a job that cannot be queued is not left queued forever: 503 now, and the row says why
+        r = c.post("/jobs", json=make_spec(data_dir), headers=auth("key-bob"))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable"
+        latest = c.get("/jobs?limit=1", headers=auth("key-bob")).json()["data"][0]
+        assert latest["status"] == "failed" and latest["error"]["code"] == "queue_unavailable"
+    assert client.get("/docs").status_code == 200
 
 
 def test_body_limit_and_rate_limit(settings: Settings, data_dir: Path) -> None:
