@@ -90,6 +90,15 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+def upgrade_database(settings: Settings) -> None:
+    """`helip migrate` / the compose file's one-shot migrate service: the settings' database to head."""
+    if settings.embedded:
+        _upgraded.discard(str(settings.database_url))
+        ensure_schema(settings)  # same file lock as the API and worker use
+    else:
+        upgrade(str(settings.database_url))
+
+
 def downgrade(url: str, revision: str = "base") -> None:
     from alembic import command
 

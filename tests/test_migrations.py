@@ -12,6 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from helip import db
+from helip.settings import Settings
 from helip.tables import Base
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,8 +76,10 @@ def test_alembic_command_line_with_x_url(make_pg_database) -> None:
 
 
 def test_sqlite_embedded_schema(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'helip.sqlite'}"
-    db.upgrade(url)
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # embedded defaults: SQLite under data_dir
+    url = str(settings.database_url)
+    assert url == f"sqlite:///{tmp_path.resolve() / 'helip.sqlite'}"
+    db.upgrade_database(settings)  # what `helip migrate` runs
     assert _tables(url) == TABLES | {"alembic_version"}
     assert _diff(url) == []
     db.downgrade(url)
