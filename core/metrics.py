@@ -198,9 +198,9 @@ def linear_probe_metrics(
     """Multinomial logistic regression on frozen features; lp_acc1, lp_acc5, lp_mean_per_class_recall on test.
 
     Features are standardised with the training set's mean and std. The probe is fitted full-batch
-    with L-BFGS (strong Wolfe line search; `epochs` iterations, step `lr`, default 1.0) on mean
-    cross-entropy + weight_decay * ||W||^2 (the bias is not decayed). Deterministic for a given
-    `seed` (which draws the small initial weights) on a given device.
+    with L-BFGS (strong Wolfe line search; at most `epochs` iterations, fewer once converged; step
+    `lr`, default 1.0) on mean cross-entropy + weight_decay * ||W||^2 (the bias is not decayed).
+    Deterministic for a given `seed` (which draws the small initial weights) on a given device.
     """
     if train_x.shape[0] == 0 or test_x.shape[0] == 0:
         raise ValueError("linear probe needs at least one training and one test sample")
