@@ -115,7 +115,9 @@ def _filter_scores(ct: torch.Tensor, cv: torch.Tensor, keep: torch.Tensor, same_
     if clamp:
         t = torch.clamp_min(t, 0)
         v = torch.clamp_min(v, 0)
-    scores = torch.where(keep & ~same, t * v, torch.full((), -math.inf, dtype=ct.dtype, device=ct.device))
+    # The score itself in fp32 even from half-precision cosines: fp16 products make so many exact ties
+    # that ranking them (and the tie rule) would cost more than the matmul, and lose order information.
+    scores = torch.where(keep & ~same, t.float() * v.float(), torch.full((), -math.inf, device=ct.device))
     return scores, same.sum(), dup.sum()
 
 
@@ -159,36 +161,39 @@ def _run_block_scores(dev: torch.device, *args) -> tuple[torch.Tensor, torch.Ten
 
 
 def _topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk along rows, except that equal scores are ranked by lower column index.
+    """Row-wise candidates that contain the top k with equal scores ranked by lower column index.
 
-    torch.topk does not promise which of several equal values it keeps at the cut, so rows where the
-    k-th value also occurs outside the selection are redone: all larger values plus the lowest-index
-    ties. The final order (score down, index up) is set by the caller on the small [rows, k] result.
+    torch.topk does not promise which of several equal values it keeps at the cut. So it takes a few
+    more than k (a window); when the window's last value is below the k-th, every tie of the k-th is
+    inside and the caller's sort (score down, index up) over the window is exact. Rows whose ties
+    spill past the window are redone: all larger values plus the lowest-index ties (extra slots -inf).
     """
-    k = min(k, scores.shape[1])
-    vals, idx = torch.topk(scores, k, dim=1, largest=True, sorted=True)
-    kth = vals[:, -1:]
-    ties_outside = (scores == kth).sum(dim=1) > (vals == kth).sum(dim=1)
-    ties_outside &= torch.isfinite(kth[:, 0])
-    fix = ties_outside.nonzero().squeeze(1)
+    n = scores.shape[1]
+    k = min(k, n)
+    window = min(n, k + max(16, k // 2))
+    vals, idx = torch.topk(scores, window, dim=1, largest=True, sorted=True)
+    if window == n:
+        return vals, idx
+    kth = vals[:, k - 1:k]
+    spill = ((vals[:, -1:] == kth) & torch.isfinite(kth)).squeeze(1)
+    fix = spill.nonzero().squeeze(1)
     if fix.numel():
-        sub = scores[fix]
         sub_kth = kth[fix]
-        n = scores.shape[1]
-        cols = torch.arange(n, 0, -1, device=scores.device)  # larger key = lower column
-        key = torch.where(sub == sub_kth, cols, torch.zeros((), dtype=cols.dtype, device=cols.device))
+        cols = torch.arange(n, 0, -1, device=scores.device, dtype=torch.int32)  # larger key = lower column
+        key = torch.where(scores[fix] == sub_kth, cols, torch.zeros((), dtype=torch.int32, device=cols.device))
         tie_idx = torch.topk(key, k, dim=1).indices
-        n_greater = (vals[fix] > sub_kth).sum(dim=1, keepdim=True)
-        pos = torch.arange(k, device=scores.device)[None, :]
-        from_ties = tie_idx.gather(1, (pos - n_greater).clamp_min(0))
+        n_greater = (vals[fix] > sub_kth).sum(dim=1, keepdim=True)  # < k: the k-th itself is a tie
+        pos = torch.arange(window, device=scores.device)[None, :]
+        from_ties = tie_idx.gather(1, (pos - n_greater).clamp(0, k - 1))
         idx[fix] = torch.where(pos < n_greater, idx[fix], from_ties)
-        vals[fix] = torch.where(pos < n_greater, vals[fix], sub_kth.expand(-1, k))
+        dead = torch.full((), -math.inf, dtype=vals.dtype, device=vals.device)
+        vals[fix] = torch.where(pos < n_greater, vals[fix], torch.where(pos < k, sub_kth, dead))
     return vals, idx
 
 
 def _finish_rows(vals: np.ndarray, idx: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Order each row by (score desc, index asc), turn -inf into -1 / NaN, pad to top_k."""
-    order = np.lexsort((idx, -vals), axis=-1)
+    """Order each row by (score desc, index asc), keep top_k, turn -inf into -1 / NaN, pad to top_k."""
+    order = np.lexsort((idx, -vals), axis=-1)[:, :top_k]
     vals = np.take_along_axis(vals, order, axis=1)
     idx = np.take_along_axis(idx, order, axis=1)
     dead = ~np.isfinite(vals)
@@ -204,7 +209,7 @@ def _finish_rows(vals: np.ndarray, idx: np.ndarray, top_k: int) -> tuple[np.ndar
 def _rows_per_block(block_size: int, n: int, dev: torch.device, dtype: torch.dtype) -> int:
     """block_size is an upper bound: a block also has to fit the memory at hand ([rows, N] temporaries)."""
     esize = torch.finfo(dtype).bits // 8
-    per_row = n * (6 * esize + 6)  # two cosine blocks, the scores, topk workspace, boolean masks
+    per_row = n * (2 * esize + 24)  # two cosine blocks, fp32 scores, topk workspace, tie keys and masks
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         budget = free // 2

@@ -69,6 +69,24 @@ def test_ties_at_the_cut_keep_the_lowest_indices() -> None:
     assert mined.neighbors[0].tolist() == [1, 2, 3, 4, 5, 6, 7]
 
 
+@pytest.mark.parametrize("k", [1, 3, 10, 40, 200])
+def test_topk_window_and_tie_rule_match_a_full_sort(k: int) -> None:
+    from core.mining import _finish_rows, _topk_lowest_index
+
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 6, (30, 200), generator=g).float() / 5  # few distinct values: ties everywhere
+    scores[:5, 100:] = -float("inf")  # short rows
+    scores[5:10] = torch.rand(5, 200, generator=g)  # no ties: the window alone is exact
+    vals, idx = _topk_lowest_index(scores, k)
+    got_vals, got_idx = _finish_rows(vals.numpy(), idx.numpy(), k)
+    for row in range(30):
+        s = scores[row].tolist()
+        want = sorted((j for j in range(200) if s[j] != -float("inf")), key=lambda j: (-s[j], j))[:k]
+        assert got_idx[row, :len(want)].tolist() == want
+        assert (got_idx[row, len(want):] == -1).all()
+        np.testing.assert_allclose(got_vals[row, :len(want)], [s[j] for j in want])
+
+
 def _planted(n: int = 300, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
     text = torch.randn(n, d, generator=g)
