@@ -304,7 +304,6 @@ class _ProgressReporter:
 
 
 def test_evaluate_end_to_end(tmp_path, tiny_clip):
-    import open_clip  # noqa: F401  (the config was registered by the fixture)
     from PIL import Image
 
     from core.evaluate import evaluate, zeroshot_classifier
