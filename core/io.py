@@ -434,27 +434,45 @@ class _HandleCache:
     """Per-process LRU of open local file descriptors, keyed by checked path; reads use pread (no seek state)."""
 
     def __init__(self, size: int):
-        self._size, self._fds, self._pid = size, OrderedDict[str, int](), os.getpid()
+        self._size, self._pid = size, os.getpid()
+        self._fds: OrderedDict[tuple[str, Any], tuple[int, tuple[int, ...]]] = OrderedDict()
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _signature(st: os.stat_result) -> tuple[int, ...]:
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
     def get(self, path: str, access: Access, location: str, param: str | None) -> int:
+        # Keyed by the rules too: a descriptor opened without restrictions is never served to a restricted caller.
+        key = (path, access.allowed)
         with self._lock:
             if self._pid != os.getpid():  # a forked worker: the parent's descriptors are not ours to track
                 self._fds, self._pid = OrderedDict(), os.getpid()
-            fd = self._fds.get(path)
-            if fd is not None:
-                self._fds.move_to_end(path)
-                return fd
+            hit = self._fds.get(key)
+            if hit is not None:
+                try:
+                    fresh = self._signature(os.stat(path)) == hit[1]
+                except OSError:
+                    fresh = False
+                if fresh:
+                    self._fds.move_to_end(key)
+                    return hit[0]
+                # Replaced or rewritten since it was opened (a long-lived worker, a new job): reopen.
+                os.close(self._fds.pop(key)[0])
         fd = _open_local_fd(path, access, location, param)
+        sig = self._signature(os.fstat(fd))
         with self._lock:
-            self._fds[path] = fd
+            if key in self._fds:  # another thread opened it meanwhile: keep one descriptor
+                os.close(fd)
+                return self._fds[key][0]
+            self._fds[key] = (fd, sig)
             while len(self._fds) > self._size:
-                os.close(self._fds.popitem(last=False)[1])
+                os.close(self._fds.popitem(last=False)[1][0])
         return fd
 
     def clear(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd, _ in self._fds.values():
                 os.close(fd)
             self._fds.clear()
 

@@ -205,7 +205,7 @@ def test_bad_samples_are_counted_with_reasons_and_rows_stay(tmp_path):
 def _three_sample_shard(tmp_path: Path) -> tuple[bytes, list[int]]:
     """A shard of samples 0..2 and the byte offset where each sample's first header starts."""
     raw = _write_shard(tmp_path / "full.tar", [m for i in range(3) for m in _sample(i)])
-    starts, pos = [], 0
+    starts = []
     with tarfile.open(tmp_path / "full.tar") as tf:
         for m in tf.getmembers():
             if m.name.endswith(".png"):

@@ -281,6 +281,28 @@ def test_local_reads(tree):
         dio.list_dir(str(tmp / "allowed2"), access)
 
 
+def test_cached_handles_follow_a_replaced_file(tmp_path):
+    f = tmp_path / "shard.tar"
+    f.write_bytes(b"old-bytes")
+    assert dio.read_range(str(f), 0, 3, Access()) == b"old"
+    tmp = tmp_path / "new.tar"
+    tmp.write_bytes(b"new-bytes")
+    os.replace(tmp, f)  # a new file at the same path (a later job in a long-lived worker)
+    assert dio.read_range(str(f), 0, 3, Access()) == b"new"
+    f.unlink()
+    with pytest.raises(LocationError):
+        dio.read_range(str(f), 0, 3, Access())
+
+
+def test_unrestricted_handle_is_not_reused_by_a_restricted_reader(tree):
+    tmp, access = tree
+    link = tmp / "allowed" / "swap"
+    link.symlink_to(tmp / "outside" / "secret")
+    assert dio.read_range(str(link), 0, 6, Access()) == b"secret"  # the local CLI may read it
+    with pytest.raises(LocationError):
+        dio.read_range(str(link), 0, 6, access)
+
+
 def test_join_and_dirname():
     assert dio.join("s3://b/data", "img/1.jpg") == "s3://b/data/img/1.jpg"
     assert dio.join("s3://b/data/x", "../1.jpg") == "s3://b/data/1.jpg"
