@@ -17,8 +17,8 @@ from core.train import RunPlan, final_path, pick_device, train_run
 # A ~7M-parameter ViT for 32 px images; most parameters are the 49,408-token embedding table.
 TINY_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "head_width": 32, "patch_size": 4},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
 }
 TINY_NAME = "helip-tiny-vit"
 

@@ -263,7 +263,7 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
                 now = time.perf_counter()
                 values = {**terms_sum, "loss": sum(terms_sum.values()), "lr": scheduler.get_last_lr()[0],
                           "samples_per_second": window_n / max(now - window_t, 1e-9),
-                          "logit_scale": float(base.logit_scale.exp()), "epoch": epoch}
+                          "logit_scale": float(base.logit_scale.detach().exp()), "epoch": epoch}
                 window_t, window_n = now, 0
                 if rank == 0:
                     reporter.step(plan.run, step, plan.total_steps, values)
