@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -89,3 +89,11 @@ def reap(
                 session.commit()
             report.send_failed.append(job_id)
     return report
+
+
+def reap_stale_jobs(settings: Settings) -> dict[str, list[str]]:
+    """One round with the configured database and broker (what `helip reap` runs); the report as a dict."""
+    from helip.queue import celery_client, send_run_job
+
+    client = celery_client(settings)
+    return asdict(reap(settings=settings, send=lambda job_id: send_run_job(client, job_id)))

@@ -91,8 +91,9 @@ class Service:
         return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
 
     def start_worker(self, name: str, **helip: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app",
-               *worker_argv(1, self.env["HELIP_QUEUE_NAME"], "INFO"), f"--hostname={name}@%h"]
+        # the command `helip worker` runs
+        cmd = [sys.executable, "-m", "celery", *worker_argv(1, self.env["HELIP_QUEUE_NAME"], "INFO"),
+               f"--hostname={name}@%h"]
         return self._spawn(name, cmd, {**self.env, **helip})
 
     @staticmethod
@@ -294,3 +295,41 @@ def test_a_killed_worker_job_is_finished_by_another_from_its_checkpoint(service:
     assert any("re-queued" in e["message"] for e in events)
     assert sum(e["message"] == "job finished" for e in events) == 1  # executed to the end once
     assert_steps_once(service.steps(job_id), "helip", 60)
+
+
+def test_embedded_defaults_run_a_worker_without_servers(world, tmp_path: Path):
+    """SQLite database, SQLite broker, file store: the worker picks the job up and records its failure."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from helip.settings import Settings
+
+    data_dir = tmp_path / "helip"
+    train = data_dir / "train.tsv"
+    train.parent.mkdir()
+    train.write_text(world.train_csv.read_text())
+    spec = job_spec(world, steps=2, checkpoint_every=1)
+    spec["data"]["train"] = str(train)
+    spec["eval"] = {}
+    client = TestClient(create_app(Settings(_env_file=None, data_dir=data_dir, allowed_data=f"{data_dir},{world.root}")))
+    r = client.post("/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    # The file vanishes between submission and the run: the job must fail naming the field, not hang.
+    train.write_text("filepath\ttitle\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELIP_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HELIP_DATA_DIR=str(data_dir),
+               HELIP_ALLOWED_DATA=f"{data_dir},{world.root}")
+    with open(tmp_path / "worker.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "celery", *worker_argv(1, None, "INFO")], env=env,
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while (job := client.get(f"/jobs/{job_id}").json())["status"] not in FINISHED:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-4000:]
+            time.sleep(0.25)
+    finally:
+        Service.kill(proc)
+    assert job["status"] == "failed" and job["attempts"] == 1, json.dumps(job)[:2000]
+    assert job["error"]["param"] == "data.train" and job["error"]["code"] != "internal_error", job["error"]
+    assert "empty" in job["error"]["message"]

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from sqlalchemy.orm import sessionmaker
 
 from core.errors import DataError, JobCancelled
 from helip import crud, db
-from helip.reaper import reap
+from helip.reaper import reap, reap_stale_jobs
 from helip.settings import Settings
 from helip.store import FileStore
 from helip.tables import Artifact, Checkpoint, Event, Job, StepMetric, utcnow
@@ -355,6 +356,27 @@ def test_reaper_leaves_the_job_stale_when_the_broker_is_down(sessions, settings)
     assert job_id in reap(settings=settings, sessions=sessions, send=sent.append).requeued  # next round
 
 
+def test_helip_reap_sends_the_task_through_the_configured_broker(sessions, settings):
+    job_id = new_job(sessions, status="running", worker_id="a", attempts=1,
+                     heartbeat_at=utcnow() - timedelta(minutes=5))
+    report = reap_stale_jobs(settings)  # what `helip reap` prints, as JSON
+    assert job_id in report["requeued"] and report["send_failed"] == []
+    assert get(sessions, job_id).status == "queued"
+    # the message is on the broker's queue (Celery's in-memory transport here), by task name, id only
+    app = make_celery(settings)
+    with app.connection_for_read() as conn:
+        msgs = []
+        queue = conn.SimpleQueue(settings.queue_name)
+        while True:
+            try:
+                msgs.append(queue.get(timeout=0.5))
+            except Empty:
+                break
+        queue.close()
+    bodies = [(m.headers["task"], m.payload[0]) for m in msgs]
+    assert ("helip.run_job", [job_id]) in bodies
+
+
 def test_concurrent_claims_let_exactly_one_worker_win(sessions, settings, store):
     job_id = new_job(sessions)
     started = threading.Barrier(4)
@@ -386,7 +408,7 @@ def test_celery_app_is_configured_for_long_jobs(tmp_path: Path):
     assert conf.task_ignore_result and conf.task_serializer == "json" and conf.accept_content == ["json"]
     assert conf.broker_transport_options["visibility_timeout"] >= 6 * 3600
     assert worker_argv(2, "gpu", "WARNING") == [
-        "worker", "--pool=prefork", "--concurrency=2", "--loglevel=WARNING", "--without-gossip",
+        "-A", "worker.celery_app", "worker", "--pool=prefork", "--concurrency=2", "--loglevel=WARNING", "--without-gossip",
         "--without-mingle", "--queues=gpu"]
 
 

@@ -30,8 +30,9 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def worker_argv(concurrency: int = 1, queues: str | None = None, loglevel: str = "INFO") -> list[str]:
-    """Arguments for `app.worker_main(...)` (what `helip worker` runs): prefork pool, one child per job slot."""
+    """Arguments after `python -m celery` (what `helip worker` execs): this app, prefork, one child per job slot."""
     argv = [
+        "-A", "worker.celery_app",
         "worker",
         "--pool=prefork",
         f"--concurrency={int(concurrency)}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.errors import StorageError
 from helip import crud
 from helip.store import Store, file_sha256, job_key
-
-log = logging.getLogger(__name__)
 
 # What core.pipeline.run_job reuses from its workdir, by artifact name -> path inside the workdir.
 # Evaluation caches (eval_<model>.json) are found by pattern, checkpoints come from the checkpoints table.
