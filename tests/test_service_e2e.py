@@ -133,7 +133,8 @@ class Service:
     def events(self, job_id: str) -> list[dict[str, Any]]:
         out, after = [], None
         while True:
-            page = self.http.get(f"/jobs/{job_id}/events", params={"limit": 1000, **({"after": after} if after else {})})
+            params = {"limit": 1000, **({"after": after} if after else {})}
+            page = self.http.get(f"/jobs/{job_id}/events", params=params)
             assert page.status_code == 200, page.text
             body = page.json()
             out += body["data"]
@@ -311,7 +312,8 @@ def test_embedded_defaults_run_a_worker_without_servers(world, tmp_path: Path):
     spec = job_spec(world, steps=2, checkpoint_every=1)
     spec["data"]["train"] = str(train)
     spec["eval"] = {}
-    client = TestClient(create_app(Settings(_env_file=None, data_dir=data_dir, allowed_data=f"{data_dir},{world.root}")))
+    allowed = f"{data_dir},{world.root}"
+    client = TestClient(create_app(Settings(_env_file=None, data_dir=data_dir, allowed_data=allowed)))
     r = client.post("/jobs", json=spec)
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]

@@ -1,4 +1,4 @@
-"""The worker without Celery: claim, lease, DbReporter rows, uploads, resume, outcomes and the reaper (real Postgres)."""
+"""The worker without Celery: claim, lease, DbReporter rows, uploads, resume, outcomes, reaper (real Postgres)."""
 
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def sessions(db_url: str):
 
 @pytest.fixture
 def settings(db_url: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=db_url, broker_url="memory://", storage_url=(tmp_path / "store").as_uri(),
-                    data_dir=tmp_path / "data", heartbeat_seconds=0.05, stale_after_seconds=30, max_attempts=3)
+    return Settings(_env_file=None, database_url=db_url, broker_url="memory://",
+                    storage_url=(tmp_path / "store").as_uri(), data_dir=tmp_path / "data",
+                    heartbeat_seconds=0.05, stale_after_seconds=30, max_attempts=3)
 
 
 @pytest.fixture
@@ -401,15 +402,15 @@ def test_concurrent_claims_let_exactly_one_worker_win(sessions, settings, store)
 
 
 def test_celery_app_is_configured_for_long_jobs(tmp_path: Path):
-    app = make_celery(Settings(broker_url="redis://127.0.0.1:1/0", data_dir=tmp_path))
+    app = make_celery(Settings(_env_file=None, broker_url="redis://127.0.0.1:1/0", data_dir=tmp_path))
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1 and conf.worker_max_tasks_per_child == 1
     assert conf.task_ignore_result and conf.task_serializer == "json" and conf.accept_content == ["json"]
     assert conf.broker_transport_options["visibility_timeout"] >= 6 * 3600
     assert worker_argv(2, "gpu", "WARNING") == [
-        "-A", "worker.celery_app", "worker", "--pool=prefork", "--concurrency=2", "--loglevel=WARNING", "--without-gossip",
-        "--without-mingle", "--queues=gpu"]
+        "-A", "worker.celery_app", "worker", "--pool=prefork", "--concurrency=2", "--loglevel=WARNING",
+        "--without-gossip", "--without-mingle", "--queues=gpu"]
 
 
 def test_the_worker_parent_does_not_import_torch(tmp_path: Path):

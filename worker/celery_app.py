@@ -65,16 +65,17 @@ def _reaper_loop(settings: Settings) -> None:
     engine = db.make_engine(str(settings.database_url))
     sessions = sessionmaker(bind=engine, expire_on_commit=False)
     interval = max(1.0, min(settings.stale_after_seconds / 4, 60.0))
-    try:
-        while not _reaper_stop.wait(interval):
-            try:
-                report = reap(settings=settings, sessions=sessions, send=lambda job_id: send_run_job(app, job_id))
-                if report.requeued or report.failed or report.cancelled or report.send_failed:
-                    log.warning("reaper: %s", report)
-            except Exception:  # the reaper must outlive a database hiccup; it retries next round
-                log.exception("reaper round failed")
-    finally:
-        engine.dispose()
+    while not _reaper_stop.wait(interval):
+        try:
+            report = reap(settings=settings, sessions=sessions, send=lambda job_id: send_run_job(app, job_id))
+            if report.requeued or report.failed or report.cancelled or report.send_failed:
+                log.warning("reaper: %s", report)
+        except Exception:  # the reaper must outlive a database hiccup; it retries next round
+            log.exception("reaper round failed")
+        finally:
+            # Hold no connection between rounds: a job child forked meanwhile must not inherit an open
+            # SQLite file or a Postgres socket (a round every few seconds can afford to reconnect).
+            engine.dispose()
 
 
 @worker_ready.connect

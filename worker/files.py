@@ -111,7 +111,8 @@ class JobFiles:
         rather than trained on.
         """
         with self.sessions() as session:
-            artifacts = {a.name: Stored(a.key, a.sha256, a.size) for a in crud.list_artifacts(session, job_id=self.job_id)}
+            artifacts = {a.name: Stored(a.key, a.sha256, a.size)
+                         for a in crud.list_artifacts(session, job_id=self.job_id)}
             latest = crud.latest_checkpoints(session, job_id=self.job_id)
             checkpoints = {run: (ck.step, ck.final, Stored(ck.key, ck.sha256, ck.size)) for run, ck in latest.items()}
         wanted: list[tuple[str, Path, Stored, dict[str, Any]]] = []

@@ -171,7 +171,8 @@ class DbReporter:
         self._write("step", lambda s: crud.record_step(s, job_id=self.job_id, run=run, step=int(step), values=row))
         self._progress_write(force=step >= total)
 
-    def checkpoint(self, run: str, step: int, path: Path, *, final: bool, metrics: dict[str, Any] | None = None) -> None:
+    def checkpoint(self, run: str, step: int, path: Path, *, final: bool,
+                   metrics: dict[str, Any] | None = None) -> None:
         if self.lease.lost.is_set():
             return  # the new owner writes these keys now; do not overwrite its state with ours
         stored = self.files.upload(Path(path), checkpoint_key(self.job_id, run, step, final=final))
