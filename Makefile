@@ -23,8 +23,10 @@ test: env
 demo: env
 	$(VENV)/bin/helip demo
 
+# The CPU benchmarks (docs/benchmarks.md): `make bench BENCH=mining` for one, BENCH_ARGS passed to each.
+BENCH ?= step mining data e2e
 bench: env
-	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+	@set -e; for b in $(BENCH); do echo "[helip] bench.$$b"; $(VENV)/bin/python -m bench.$$b $(BENCH_ARGS); done
 
 # Local state and caches of this clone; the shared venv stays (delete $(VENV) by hand to rebuild it).
 clean:
