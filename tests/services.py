@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import json
 import os
@@ -113,7 +114,7 @@ def find_weed() -> Path:
 # --- servers the session starts -------------------------------------------------------------------
 
 
-class LocalService:
+class LocalService(abc.ABC):
     """A server process this session owns: start() (same port, same data), stop(), restart(), kill()."""
 
     name = "service"
@@ -159,11 +160,21 @@ class LocalService:
         self.stop()
         self.start()
 
-    # subclasses fill these in
-    def _pick_ports(self) -> None: ...
-    def _start(self) -> None: ...
-    def _stop(self) -> None: ...
-    def _force_stop(self) -> None: ...
+    @abc.abstractmethod
+    def _pick_ports(self) -> None:
+        """Choose fresh free port(s) (only before the first good start)."""
+
+    @abc.abstractmethod
+    def _start(self) -> None:
+        """Launch and wait until it answers; ServiceFailed otherwise."""
+
+    @abc.abstractmethod
+    def _stop(self) -> None:
+        """Graceful shutdown, data kept."""
+
+    @abc.abstractmethod
+    def _force_stop(self) -> None:
+        """Crash-like shutdown, data kept as it was on disk."""
 
 
 class _ProcessService(LocalService):
@@ -176,8 +187,13 @@ class _ProcessService(LocalService):
         self.proc: subprocess.Popen | None = None
         self.log = root / self.log_name
 
-    def _command(self) -> list[str]: ...
-    def _ready(self) -> bool: ...
+    @abc.abstractmethod
+    def _command(self) -> list[str]:
+        """The foreground server command line."""
+
+    @abc.abstractmethod
+    def _ready(self) -> bool:
+        """One cheap probe: does it serve requests yet?"""
 
     ready_timeout = 60.0  # generous: 2 shared cores, other sessions busy
     term_grace = 5.0
@@ -354,7 +370,7 @@ class PostgresServer(LocalService):
                 raise ServiceFailed(f"user postgres cannot traverse {blocked[0]}: put the service dir elsewhere")
         self._initdb()
         self._pick_ports()
-        self.admin = _PgAdmin(self.url_for("postgres"))
+        self.admin: _PgAdmin | None = None
 
     def _run(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         cmd = [str(self.bindir / args[0]), *args[1:]]
@@ -373,6 +389,11 @@ class PostgresServer(LocalService):
 
     def _pick_ports(self) -> None:
         (self.port,) = free_ports(1)
+
+    def start(self) -> None:
+        super().start()
+        if self.admin is None:  # only now is the port final (a first start may retry on another one)
+            self.admin = _PgAdmin(self.url_for("postgres"))
 
     def url_for(self, dbname: str) -> str:
         return f"postgresql+psycopg://postgres@{LOOPBACK}:{self.port}/{dbname}"
@@ -396,10 +417,12 @@ class PostgresServer(LocalService):
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop")
 
     def create_database(self) -> str:
+        if self.admin is None:
+            raise ServiceFailed("postgres was never started: call start() first")
         return self.admin.create_database()
 
     def drop_databases(self) -> None:
-        if self.running:
+        if self.running and self.admin is not None:
             self.admin.drop_databases()
 
 

@@ -160,6 +160,25 @@ def test_redis_stop_start_keeps_port(redis_server):
         client.close()
 
 
+def test_first_start_moves_off_a_port_someone_else_took(tmp_path):
+    # free_ports() cannot reserve: another process may bind the port before the server does
+    from tests.services import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        server.port = taken
+        server.start()
+        try:
+            assert server.port != taken
+            assert redis_ping("127.0.0.1", server.port)
+        finally:
+            server.kill()
+    assert not redis_ping("127.0.0.1", server.port)
+
+
 # --- S3 ---------------------------------------------------------------------------------------------
 
 
