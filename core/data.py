@@ -339,8 +339,10 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, index: PairIndex, access: dio.Access, transform: Callable[[Image.Image], torch.Tensor],
                  tokenizer: Callable[[list[str]], torch.Tensor], *, rows: np.ndarray | None = None,
-                 draft_size: int | None = None):
+                 draft_size: int | None = None, tokens: np.ndarray | None = None):
         self.index, self.access, self.transform, self.tokenizer = index, access, transform, tokenizer
+        # Captions tokenized once (by the embedding pass) spare the BPE tokenizer on every training step.
+        self.tokens = tokens
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self.draft_size = draft_size
 
@@ -354,7 +356,10 @@ class PairDataset(torch.utils.data.Dataset):
         except BadSample as exc:
             _BAD_SEEN.append((row, exc.reason))
             return None
-        text = self.tokenizer([self.index.captions[row]])[0]
+        if self.tokens is not None:
+            text = torch.from_numpy(self.tokens[row].astype(np.int64))
+        else:
+            text = self.tokenizer([self.index.captions[row]])[0]
         return {"image": self.transform(image), "text": text, "row": row}
 
 

@@ -13,7 +13,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.multiprocessing as mp
 
@@ -73,11 +72,10 @@ def _rank_main(rank: int, world_size: int, port: int, device_type: str, q, cance
         spec = kwargs["spec"]
         loaded = model_from_spec(spec.model, access=kwargs["access"], device=device,
                                  cache_dir=Path(kwargs["workdir"]) / "weights")
-        if kwargs.get("init_state") is not None:
-            loaded.model.load_state_dict(kwargs["init_state"])
         train_run(kwargs["plan"], loaded=loaded, index=kwargs["index"], access=kwargs["access"],
                   neighbors=kwargs["neighbors"], spec=spec, workdir=Path(kwargs["workdir"]),
-                  reporter=reporter, device=device, rank=rank, world_size=world_size)
+                  reporter=reporter, device=device, rank=rank, world_size=world_size,
+                  tokens=kwargs.get("tokens"))
         q.put(("done", (rank,), {}))
     except HelipError as exc:
         q.put(("error", (type(exc).__name__, exc.message, exc.param), {}))
@@ -139,6 +137,3 @@ def train_distributed(world_size: int, device_type: str, reporter: Reporter, **k
     if any(p.exitcode not in (0, None) for p in procs.processes):
         raise RuntimeError(f"a training process exited with {[p.exitcode for p in procs.processes]}")
 
-
-def array_of(x) -> np.ndarray | None:
-    return None if x is None else np.asarray(x)

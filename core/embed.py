@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,22 @@ from core.progress import Reporter
 from core.train import resolve_precision
 
 
+@dataclass
+class EmbeddedPairs:
+    """Normalised embeddings [N, d] aligned with the index rows (zero rows where the image is bad), the
+    captions' tokens [N, context] as the model's tokenizer made them, and a small report."""
+
+    text: np.ndarray
+    image: np.ndarray
+    tokens: np.ndarray
+    report: dict[str, float]
+
+
 @torch.no_grad()
 def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device: torch.device,
                 batch_size: int, workers: int, precision: str = "auto",
-                reporter: Reporter | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """(text, image) float32 [N, d] L2-normalised, rows aligned with `index`; undecodable images are
-    marked bad in the index and left as zero rows. Returns a small report too."""
+                reporter: Reporter | None = None) -> EmbeddedPairs:
+    """Embed every valid row; undecodable images are marked bad in the index."""
     model = loaded.model.to(device)
     was_training = model.training
     model.eval()
@@ -30,7 +41,7 @@ def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device
     dataset = PairDataset(index, access, loaded.preprocess_val, loaded.tokenizer, rows=rows)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs,
                         pin_memory=device.type == "cuda", shuffle=False)
-    text = image = None
+    text = image = tokens = None
     done, t0 = 0, time.perf_counter()
     for batch in loader:
         for row, reason in batch["bad_rows"]:
@@ -45,8 +56,9 @@ def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device
         if text is None:
             text = np.zeros((len(index), txt.shape[1]), dtype=np.float32)
             image = np.zeros((len(index), img.shape[1]), dtype=np.float32)
+            tokens = np.zeros((len(index), batch["texts"].shape[1]), dtype=np.int32)
         r = batch["rows"].numpy()
-        text[r], image[r] = txt, img
+        text[r], image[r], tokens[r] = txt, img, batch["texts"].numpy()
         done += len(r) + len(batch["bad_rows"])
         if reporter is not None:
             reporter.progress("embedding", done, len(rows))
@@ -56,21 +68,22 @@ def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device
 
         raise DataError("no training pair could be read", param="data.train")
     seconds = time.perf_counter() - t0
-    return text, image, {"pairs": int(len(rows)), "seconds": seconds, "pairs_per_second": len(rows) / max(seconds, 1e-9)}
+    return EmbeddedPairs(text, image, tokens, {"pairs": int(len(rows)), "seconds": seconds,
+                                               "pairs_per_second": len(rows) / max(seconds, 1e-9)})
 
 
-def save_embeddings(path: Path, text: np.ndarray, image: np.ndarray, valid: np.ndarray) -> None:
+def save_embeddings(path: Path, emb: EmbeddedPairs, valid: np.ndarray) -> None:
     """Cache the embeddings in the job's work directory (resume skips the embedding stage)."""
     tmp = Path(str(path) + ".tmp.npz")
-    np.savez(tmp, text=text, image=image, valid=valid)
+    np.savez(tmp, text=emb.text, image=emb.image, tokens=emb.tokens, valid=valid)
     tmp.replace(path)
 
 
-def load_embeddings(path: Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The cached embeddings, or None when absent or for another data set size."""
+def load_embeddings(path: Path, n: int) -> tuple[EmbeddedPairs, np.ndarray] | None:
+    """The cached embeddings and valid mask, or None when absent or for another data set size."""
     if not Path(path).exists():
         return None
     with np.load(path) as z:
         if z["text"].shape[0] != n:
             return None
-        return z["text"], z["image"], z["valid"]
+        return EmbeddedPairs(z["text"], z["image"], z["tokens"], {"restored": 1}), z["valid"]

@@ -111,8 +111,8 @@ def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, dev
     return res
 
 
-def _train(plan: RunPlan, spec: JobSpec, index: PairIndex, neighbors, access: Access, device, workdir: Path,
-           reporter: Reporter) -> Path:
+def _train(plan: RunPlan, spec: JobSpec, index: PairIndex, neighbors, tokens, access: Access, device,
+           workdir: Path, reporter: Reporter) -> Path:
     if final_path(workdir, plan.run).exists():
         return final_path(workdir, plan.run)
     world = world_size_for(spec, device)
@@ -120,11 +120,11 @@ def _train(plan: RunPlan, spec: JobSpec, index: PairIndex, neighbors, access: Ac
         from core.distributed import train_distributed
 
         train_distributed(world, device.type, reporter, plan=plan, spec=spec, index=index, neighbors=neighbors,
-                          access=access, workdir=str(workdir))
+                          tokens=tokens, access=access, workdir=str(workdir))
         return final_path(workdir, plan.run)
     loaded = model_from_spec(spec.model, access=access, device=device, cache_dir=workdir / "weights")
     return train_run(plan, loaded=loaded, index=index, access=access, neighbors=neighbors, spec=spec,
-                     workdir=workdir, reporter=reporter, device=device)
+                     workdir=workdir, reporter=reporter, device=device, tokens=tokens)
 
 
 def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None, reporter: Reporter,
@@ -149,19 +149,22 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     reporter.stage("embedding")
     emb_path = workdir / "embeddings.npz"
     cached = load_embeddings(emb_path, len(index))
+    self_miner = spec.mining.encoder == "self"
     if cached is not None:
-        text, image, valid = cached
+        emb, valid = cached
         for row in np.flatnonzero(~valid & index.valid_mask()):
             index.mark_bad(int(row), "unreadable image (found while embedding)")
         reporter.event("embeddings restored from a previous attempt")
     else:
         miner = _miner(spec, loaded, access, dev, workdir)
-        text, image, rep = embed_pairs(miner, index, access, device=dev, batch_size=spec.mining.batch_size,
-                                       workers=spec.data.workers, precision=spec.train.precision, reporter=reporter)
-        save_embeddings(emb_path, text, image, index.valid_mask())
-        reporter.event(f"embedded {rep['pairs']} pairs at {rep['pairs_per_second']:.0f}/s", data=rep)
-        if miner is not loaded:
-            del miner
+        emb = embed_pairs(miner, index, access, device=dev, batch_size=spec.mining.batch_size,
+                          workers=spec.data.workers, precision=spec.train.precision, reporter=reporter)
+        save_embeddings(emb_path, emb, index.valid_mask())
+        reporter.event(f"embedded {emb.report['pairs']} pairs at {emb.report['pairs_per_second']:.0f}/s",
+                       data=emb.report)
+        del miner
+    # The miner's tokens are the trainer's only when the miner is the model itself.
+    tokens = emb.tokens if self_miner else None
     timings["embedding"] = time.perf_counter() - t0
     _check_bad(index, spec, reporter)
 
@@ -172,13 +175,13 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
         mined, _ = read_hard_pairs(pairs_path)
         reporter.event("hard pairs restored from a previous attempt")
     else:
-        mined = _mine(spec, text, image, index.valid_mask(), dev, reporter)
+        mined = _mine(spec, emb.text, emb.image, index.valid_mask(), dev, reporter)
         write_hard_pairs(pairs_path, mined, index.keys)
         reporter.event(f"mined {spec.mining.top_k} hard pairs for {int(index.valid_mask().sum())} pairs "
                        f"({spec.mining.method})", data=mined.report)
     timings["mining"] = time.perf_counter() - t1
     artifacts: dict[str, Path] = {"hard_pairs": pairs_path}
-    del text, image
+    del emb
     if mine_only:
         return JobResult(metrics={}, artifacts=artifacts, summary={"timings": timings, "mining": mined.report})
 
@@ -190,8 +193,8 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
         runs.append(RunPlan("control", 0, steps, spec.train.batch_size))
     del loaded
     for plan in runs:
-        artifacts[f"checkpoint:{plan.run}"] = _train(plan, spec, index, mined.neighbors, access, dev, workdir,
-                                                     reporter)
+        artifacts[f"checkpoint:{plan.run}"] = _train(plan, spec, index, mined.neighbors, tokens, access, dev,
+                                                     workdir, reporter)
     timings["training"] = time.perf_counter() - t2
 
     reporter.stage("evaluating")

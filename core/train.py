@@ -142,8 +142,9 @@ def final_path(workdir: Path, run: str) -> Path:
 
 def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: Access,
               neighbors: np.ndarray | None, spec: JobSpec, workdir: Path, reporter: Reporter,
-              device: torch.device, rank: int = 0, world_size: int = 1) -> Path:
-    """Train `loaded.model` in place for plan.total_steps and return the final checkpoint's path."""
+              device: torch.device, rank: int = 0, world_size: int = 1, tokens: np.ndarray | None = None) -> Path:
+    """Train `loaded.model` in place for plan.total_steps and return the final checkpoint's path.
+    `tokens`: the captions already tokenized by the model's tokenizer (from the embedding pass)."""
     t, h = spec.train, spec.helip
     workdir = Path(workdir)
     if final_path(workdir, plan.run).exists():
@@ -180,7 +181,7 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
     if len(sampler) == 0:
         raise DataError("not enough usable pairs for one batch", param="train.batch_size")
     transform = _ssl_transform(loaded) if ssl_fn else loaded.preprocess_train
-    dataset = PairDataset(index, access, transform, loaded.tokenizer)
+    dataset = PairDataset(index, access, transform, loaded.tokenizer, tokens=tokens)
 
     step, epoch, start_batch = 0, 0, 0
     state_file = state_path(workdir, plan.run)

@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> None:
         neighbors = torch.load(pairs_file, weights_only=True).numpy()
     else:
         loaded = load_model(TINY_NAME, config=TINY_CONFIG, pretrained=str(base), device=device)
-        text, image, _ = embed_pairs(loaded, index, access, device=device, batch_size=256, workers=0)
-        mined = mine_exact(torch.from_numpy(text), torch.from_numpy(image), top_k=50, valid=index.valid_mask())
+        emb = embed_pairs(loaded, index, access, device=device, batch_size=256, workers=0)
+        mined = mine_exact(torch.from_numpy(emb.text), torch.from_numpy(emb.image), top_k=50,
+                           valid=index.valid_mask())
         neighbors = mined.neighbors
         torch.save(torch.from_numpy(neighbors), pairs_file)
     results_file = out / "results.jsonl"
