@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import chunked_topk
 from core.errors import DataError, SpecError
 
 log = logging.getLogger(__name__)
@@ -220,21 +221,40 @@ def _rows_per_block(block_size: int, n: int, dev: torch.device, dtype: torch.dty
 
 def _exact_rows(t: torch.Tensor, v: torch.Tensor, queries: np.ndarray, col_valid: torch.Tensor, *, top_k: int,
                 rows: int, same_thr: float, dup_thr: float, clamp: bool, progress: Progress,
-                counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+                counts: dict[str, int], chunk: int | None = None,
+                force_chunks: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact top_k for the given query rows against all valid columns, `rows` queries at a time."""
     dev = t.device
     out_idx = np.full((len(queries), top_k), -1, dtype=np.int64)
     out_val = np.full((len(queries), top_k), np.nan, dtype=np.float32)
     n_same = torch.zeros((), dtype=torch.int64, device=dev)
     n_dup = torch.zeros((), dtype=torch.int64, device=dev)
+    n = t.shape[0]
+    chunk = chunk or chunked_topk.CHUNK
+    use_chunks = force_chunks or chunked_topk.worthwhile(n, top_k, chunk)
     for start in range(0, len(queries), rows):
         q = torch.from_numpy(queries[start:start + rows]).to(dev)
         ct = t[q] @ t.T
         cv = v[q] @ v.T
-        scores, same, dup = _run_block_scores(dev, ct, cv, col_valid, q, same_thr, dup_thr, clamp)
-        del ct, cv
-        vals, idx = _topk_lowest_index(scores, top_k)
-        del scores
+        if use_chunks:
+            cm, same, dup = chunked_topk.run_chunk_maxima(dev, _block_scores, ct, cv, col_valid, q, same_thr,
+                                                          dup_thr, clamp, chunk)
+            vals, idx, redo = chunked_topk.select(cm, ct, cv, col_valid, q, top_k=top_k, chunk=chunk,
+                                                  filter_fn=_filter_scores, topk_fn=_topk_lowest_index,
+                                                  same_thr=same_thr, dup_thr=dup_thr, clamp=clamp)
+            del cm
+            fix = redo.nonzero().squeeze(1)
+            if fix.numel():  # a left-out chunk may tie the k-th score: those rows the full way
+                counts["rows_redone"] = counts.get("rows_redone", 0) + int(fix.numel())
+                scores, _, _ = _run_block_scores(dev, ct[fix], cv[fix], col_valid, q[fix], same_thr, dup_thr, clamp)
+                vals[fix], idx[fix] = _topk_lowest_index(scores, top_k)
+                del scores
+            del ct, cv
+        else:
+            scores, same, dup = _run_block_scores(dev, ct, cv, col_valid, q, same_thr, dup_thr, clamp)
+            del ct, cv
+            vals, idx = _topk_lowest_index(scores, top_k)
+            del scores
         n_same += same
         n_dup += dup
         vals_np, idx_np = _finish_rows(vals.float().cpu().numpy(), idx.cpu().numpy(), top_k)
@@ -259,8 +279,13 @@ def mine_exact(
     clamp_negative: bool = True,
     device: str | torch.device = "cpu",
     progress: Progress = None,
+    chunk: int | None = None,
+    force_chunks: bool = False,
 ) -> MinedPairs:
     """Exact top_k hard pairs of every valid row, blocked over queries (never an N x N matrix).
+
+    For large N the selection goes through chunk maxima (core.chunked_topk); `chunk` and
+    `force_chunks` exist for tests, which compare both selections.
 
     Report counts are over all ordered (query, candidate) pairs of valid rows, the pair itself excluded:
     same_caption_filtered (dropped), duplicate_filtered (a cosine zeroed), self_skipped (one per query).
@@ -277,7 +302,8 @@ def mine_exact(
     scores = np.full((n, top_k), np.nan, dtype=np.float32)
     with torch.no_grad():
         vals, idx = _exact_rows(t, v, queries, col_valid, top_k=top_k, rows=rows, same_thr=same_caption_threshold,
-                                dup_thr=duplicate_threshold, clamp=clamp_negative, progress=progress, counts=counts)
+                                dup_thr=duplicate_threshold, clamp=clamp_negative, progress=progress, counts=counts,
+                                chunk=chunk, force_chunks=force_chunks)
     neighbors[queries] = idx
     scores[queries] = vals
     report = {

@@ -230,3 +230,27 @@ def test_hard_pairs_parquet_round_trip(tmp_path, planted) -> None:
 def test_mined_pairs_valid_defaults_to_all() -> None:
     mined = MinedPairs(neighbors=np.zeros((3, 2), dtype=np.int64), scores=np.zeros((3, 2), dtype=np.float32))
     assert mined.valid_rows().tolist() == [True, True, True]
+
+
+@pytest.mark.parametrize("chunk", [4, 16, 64])
+def test_chunked_selection_equals_brute_force(planted, chunk: int) -> None:
+    """The large-N path (top-k through chunk maxima) gives exactly the brute-force lists."""
+    text, image, valid, want = planted
+    mined = mine_exact(text, image, top_k=10, valid=valid, block_size=64, chunk=chunk, force_chunks=True)
+    np.testing.assert_array_equal(mined.neighbors, want)
+    plain = mine_exact(text, image, top_k=10, valid=valid, block_size=64)
+    assert mined.report["same_caption_filtered"] == plain.report["same_caption_filtered"]
+    assert mined.report["duplicate_filtered"] == plain.report["duplicate_filtered"]
+
+
+def test_chunked_selection_redoes_rows_whose_ties_cross_chunks() -> None:
+    n = 3000
+    text = torch.zeros(n, 2)
+    text[:, 1] = 1.0
+    text[0] = torch.tensor([1.0, 0.0])  # row 0 scores 0 against everyone: ties in every chunk
+    image = F.normalize(torch.randn(n, 2, generator=torch.Generator().manual_seed(0)), dim=-1)
+    mined = mine_exact(text, image, top_k=7, block_size=16, chunk=8, force_chunks=True)
+    assert mined.neighbors[0].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert mined.report["rows_redone"] >= 1
+    plain = mine_exact(text, image, top_k=7, block_size=16)
+    np.testing.assert_array_equal(mined.neighbors, plain.neighbors)
