@@ -64,7 +64,8 @@ async def _on_validation(request: Request, exc: RequestValidationError) -> JSONR
         except SpecError as spec_exc:
             return error_response(422, spec_exc.code, spec_exc.message, spec_exc.param)
     code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_request"
-    param = _validation_param(loc)
+    # A body that is not JSON, or not an object, is wrong as a whole: the field at fault is the body itself.
+    param = "body" if code == "invalid_json" else (_validation_param(loc) or (loc[0] if loc else None))
     msg = str(first.get("msg", "invalid request")).replace("Value error, ", "")
     return error_response(422, code, f"{param}: {msg}" if param else msg, param)
 

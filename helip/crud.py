@@ -187,6 +187,31 @@ def requeue_job(session: Session, *, job_id: str, stale_after_seconds: float) ->
     ))
 
 
+def queued_jobs(session: Session, *, created_before: datetime, limit: int = 1000) -> list[Job]:
+    """Queued jobs older than `created_before`, oldest first: the reaper checks whether their message was lost."""
+    return list(session.scalars(
+        select(Job).where(Job.status == "queued", Job.created_at < created_before)
+        .order_by(Job.created_at).limit(limit)
+    ))
+
+
+def lock_queued_job(session: Session, *, job_id: str) -> Job | None:
+    """The job row locked for this transaction if it is still queued (Postgres: others skip it, SQLite: no-op)."""
+    return session.scalars(
+        select(Job).where(Job.id == job_id, Job.status == "queued")
+        .with_for_update(skip_locked=True).execution_options(populate_existing=True)
+    ).one_or_none()
+
+
+def events_with_prefix(session: Session, *, job_id: str, prefixes: tuple[str, ...]) -> tuple[int, datetime | None]:
+    """(how many, newest created_at) of a job's events whose message starts with one of `prefixes`."""
+    match = or_(*(Event.message.startswith(p, autoescape=True) for p in prefixes))
+    count, newest = session.execute(
+        select(func.count(Event.id), func.max(Event.created_at)).where(Event.job_id == job_id, match)
+    ).one()
+    return int(count or 0), newest
+
+
 # -- events --------------------------------------------------------------------------------------------
 
 

@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     stale_after_seconds: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    requeue_queued_after_seconds: float = Field(
+        default=300.0, gt=0,
+        description="a queued job nobody claimed for this long is sent to the queue again (a broker that lost "
+                    "its messages); the wait doubles after each re-send",
+    )
+    store_retries: int = Field(default=4, ge=0, description="retries of a failed store call (backoff doubles)")
+    store_backoff_seconds: float = Field(default=0.5, ge=0, description="wait before the first store retry")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     rate_limit_per_minute: int = Field(default=600, ge=1)
     presign_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)

@@ -329,7 +329,8 @@ def store_from_settings(settings) -> Store:  # noqa: ANN001 - helip.settings.Set
 
     endpoint, secure = split_endpoint(settings.s3_endpoint_url) if settings.s3_endpoint_url else (None, False)
     return open_store(str(settings.storage_url), s3_endpoint=endpoint, s3_access_key=settings.s3_access_key,
-                      s3_secret_key=settings.s3_secret_key, s3_secure=secure, s3_region=settings.s3_region)
+                      s3_secret_key=settings.s3_secret_key, s3_secure=secure, s3_region=settings.s3_region,
+                      retries=settings.store_retries, backoff=settings.store_backoff_seconds)
 
 
 # -- signed links for file:// stores (the API streams the file; the link works like a presigned URL) ------

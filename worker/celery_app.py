@@ -64,11 +64,11 @@ def _reaper_loop(settings: Settings) -> None:
     db.ensure_schema(settings)
     engine = db.make_engine(str(settings.database_url))
     sessions = sessionmaker(bind=engine, expire_on_commit=False)
-    interval = max(1.0, min(settings.stale_after_seconds / 4, 60.0))
+    interval = max(1.0, min(settings.stale_after_seconds / 4, settings.requeue_queued_after_seconds / 4, 60.0))
     while not _reaper_stop.wait(interval):
         try:
             report = reap(settings=settings, sessions=sessions, send=lambda job_id: send_run_job(app, job_id))
-            if report.requeued or report.failed or report.cancelled or report.send_failed:
+            if report.requeued or report.failed or report.cancelled or report.send_failed or report.resent:
                 log.warning("reaper: %s", report)
         except Exception:  # the reaper must outlive a database hiccup; it retries next round
             log.exception("reaper round failed")

@@ -77,7 +77,8 @@ class DbReporter:
 
     def __init__(self, *, sessions: sessionmaker[Session], lease: Lease, files: JobFiles,
                  poll_seconds: float = 2.0, progress_seconds: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic, retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0)):
+                 clock: Callable[[], float] = time.monotonic,
+                 retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)):
         self.sessions = sessions
         self.lease = lease
         self.job_id = lease.job_id
@@ -85,6 +86,7 @@ class DbReporter:
         self.poll_seconds = poll_seconds
         self.progress_seconds = progress_seconds
         self.clock = clock
+        # about 15 s in all: enough to ride out a database restart before a non-essential row is dropped
         self.retry_delays = retry_delays
         self._progress: dict[str, Any] = {"stage": None, "done": 0, "total": None, "step": None,
                                           "total_steps": None, "eta_seconds": None}

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import HelipError, JobCancelled
+from core.errors import HelipError, JobCancelled, StorageError
 from helip import crud
 from helip.settings import Settings
 from helip.store import Store, store_from_settings
@@ -80,6 +80,7 @@ def execute_job(
     workdir = Path(settings.data_dir) / "work" / job_id / f"attempt-{attempt}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    keep: Path | None = None  # where this attempt's local checkpoints were kept, when the store failed
     try:
         store = store or store_from_settings(settings)
         files = JobFiles(store=store, sessions=sessions, job_id=job_id, workdir=workdir)
@@ -104,6 +105,18 @@ def execute_job(
         if lease.lost.is_set():
             return _lost(job_id)
         return _finish(sessions, job_id, worker_id, "cancelled", None, f"cancelled: {exc.message}")
+    except StorageError as exc:
+        # The store stayed down (e.g. during a checkpoint upload): hours of training must not vanish with
+        # the workdir, so the local checkpoints move aside and the error says where they are.
+        error = exc.to_dict()
+        keep = keep_checkpoints(workdir, Path(settings.data_dir) / "kept" / job_id / f"attempt-{attempt}")
+        data: dict[str, Any] = {}
+        if keep is not None:
+            newest = max(keep.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns, default=None)
+            data = {"kept_checkpoints": str(keep), "host": socket.gethostname(),
+                    "newest": str(newest) if newest else None}
+            error["message"] += f" (the local checkpoints are kept in {keep} on {socket.gethostname()})"
+        return _finish(sessions, job_id, worker_id, "failed", error, f"failed: {error['message']}", data=data)
     except HelipError as exc:
         return _finish(sessions, job_id, worker_id, "failed", exc.to_dict(), f"failed: {exc.message}")
     except Exception as exc:  # a bug or an unexpected environment failure: never leave the job running
@@ -114,6 +127,19 @@ def execute_job(
     finally:
         heartbeat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def keep_checkpoints(workdir: Path, dest: Path) -> Path | None:
+    """Move `workdir/checkpoints` (if it holds any .pt file) to `dest`; returns `dest`, or None when none."""
+    src = Path(workdir) / "checkpoints"
+    if not any(src.glob("*.pt")):
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.move(str(src), str(dest))
+    for partial in dest.glob("*.tmp"):  # a save interrupted by the failure is not a checkpoint
+        partial.unlink(missing_ok=True)
+    return dest
 
 
 def _lost(job_id: str) -> None:

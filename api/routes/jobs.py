@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -25,6 +26,9 @@ from helip.queue import send_run_job
 from helip.tables import Job
 
 log = logging.getLogger(__name__)
+JOB_ID = re.compile(r"job-[0-9a-f]{24}")
+# Cursor bounds = the database column types (steps are INTEGER, event ids BIGINT): larger values are a 422.
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 ERRORS = {
@@ -34,9 +38,15 @@ ERRORS = {
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 
+def _is_job_id(value: str) -> bool:
+    """The shape every job id has (helip.tables.new_job_id): anything else cannot exist, so it is never queried
+    (a NUL byte or a megabyte of text in a path must not reach the database as a query parameter)."""
+    return JOB_ID.fullmatch(value) is not None
+
+
 def _owned(session, job_id: str, owner: str) -> Job:  # noqa: ANN001 - SessionDep
     """The caller's job, else 404 (another key's job is indistinguishable from a missing one)."""
-    job = crud.get_job(session, job_id=job_id, owner=owner)
+    job = crud.get_job(session, job_id=job_id, owner=owner) if _is_job_id(job_id) else None
     if job is None:
         raise not_found()
     return job
@@ -96,6 +106,8 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
 def list_jobs(session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=64, description="id of the last job seen")] = None):
     """The caller's jobs, newest first."""
+    if after is not None and not _is_job_id(after):
+        return {"data": [], "has_more": False}  # like any unknown cursor
     jobs, has_more = crud.list_jobs(session, owner=owner, limit=limit, after=after)
     return {"data": jobs, "has_more": has_more}
 
@@ -117,7 +129,7 @@ def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
 
 @router.get("/{job_id}/metrics", response_model=MetricsPage, responses=ERRORS)
 def job_metrics(job_id: str, session: SessionDep, owner: OwnerDep,
-                after_step: Annotated[int | None, Query(ge=-1, description="return steps after this one")] = None,
+                after_step: Annotated[int | None, Query(ge=-1, le=INT32_MAX, description="return steps after this one")] = None,
                 limit: Annotated[int, Query(ge=1, le=10000, description="steps per page")] = 1000):
     """Training step series and evaluation results ({model: {dataset: {metric: value}}})."""
     _owned(session, job_id, owner)
@@ -131,7 +143,7 @@ def job_metrics(job_id: str, session: SessionDep, owner: OwnerDep,
 
 @router.get("/{job_id}/events", response_model=EventsPage, responses=ERRORS)
 def job_events(job_id: str, session: SessionDep, owner: OwnerDep,
-               after: Annotated[int | None, Query(ge=0, description="id of the last event seen")] = None,
+               after: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="id of the last event seen")] = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100):
     _owned(session, job_id, owner)
     rows, has_more = crud.list_events(session, job_id=job_id, after=after, limit=limit)
