@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import HelipError, SpecError, StorageError
@@ -86,6 +87,13 @@ async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONRespons
     return error_response(exc.status_code, code, message, None, getattr(exc, "headers", None))
 
 
+async def _on_database_down(request: Request, exc: Exception) -> JSONResponse:
+    # A dropped or restarting database is transient: 503 tells clients to retry, unlike a 500.
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0])
+    return error_response(503, "database_unavailable", "the database is unreachable; retry later",
+                          headers={"Retry-After": "2"})
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "internal server error")
@@ -96,4 +104,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(HelipError, _on_helip_error)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(OperationalError, _on_database_down)
+    app.add_exception_handler(InterfaceError, _on_database_down)
     app.add_exception_handler(Exception, _on_unexpected)

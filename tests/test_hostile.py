@@ -340,7 +340,7 @@ def _bad_rows_csv(world, dest: Path) -> tuple[Path, int, int]:
 def _truncated_shards(world, dest: Path) -> str:
     """A copy of the world's two shards with the second cut inside an image."""
     dest.mkdir(parents=True, exist_ok=True)
-    shards = sorted(Path(world.train_shards.split("{")[0]).parent.glob("*.tar"))
+    shards = sorted(Path(world.train_shards).parent.glob("*.tar"))
     (dest / "00000.tar").write_bytes(shards[0].read_bytes())
     raw = shards[1].read_bytes()
     with tarfile.open(shards[1]) as tf:
