@@ -48,17 +48,18 @@ def settings_grid(hards: list[int], gammas: list[float]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    world = generate_world(out / "world", n_train=args.n_train, seed=0)
+    world = generate_world(out / "world", n_train=args.n_train, seed=0, workers=args.gen_workers)
     base = pretrain_base(world.train_csv, out / "base.pt", steps=args.pretrain_steps, batch_size=128, lr=1e-3,
-                         seed=0)
+                         seed=0, device=str(device), workers=args.workers)
     print(f"world + base ready ({time.time() - t0:.0f}s)", flush=True)
     access = Access()
     index = build_index(str(world.train_csv), access=access)
-    device = torch.device("cpu")
     eval_doc = world.eval_spec()
     eval_doc["linear_probe"] = []          # the probe adds minutes and is not what HELIP targets here
     eval_spec = EvalSpec.model_validate(eval_doc)
@@ -67,11 +68,13 @@ def run(args: argparse.Namespace) -> None:
         neighbors = torch.load(pairs_file, weights_only=True).numpy()
     else:
         loaded = load_model(TINY_NAME, config=TINY_CONFIG, pretrained=str(base), device=device)
-        emb = embed_pairs(loaded, index, access, device=device, batch_size=256, workers=0)
+        emb = embed_pairs(loaded, index, access, device=device, batch_size=256, workers=args.workers)
         mined = mine_exact(torch.from_numpy(emb.text), torch.from_numpy(emb.image), top_k=50,
-                           valid=index.valid_mask())
+                           valid=index.valid_mask(), device=device)
         neighbors = mined.neighbors
         torch.save(torch.from_numpy(neighbors), pairs_file)
+        torch.save(torch.from_numpy(emb.tokens), out / "tokens.pt")
+    tokens = torch.load(out / "tokens.pt", weights_only=True).numpy()
     results_file = out / "results.jsonl"
     done = {(r["setting"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else set()
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> None:
 
     if ("baseline", 0) not in done:
         loaded = load_model(TINY_NAME, config=TINY_CONFIG, pretrained=str(base), device=device)
-        res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, eval_spec, access=access, device=device)
+        res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, eval_spec, access=access, device=device,
+                       workers=args.workers)
         record({"setting": "baseline", "seed": 0, "metrics": res, "seconds": 0})
 
     for seed in args.seeds:
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
             t1 = time.time()
             spec = resolve_spec({
                 "model": {"name": TINY_NAME, "config": TINY_CONFIG, "pretrained": str(base)},
-                "data": {"train": str(world.train_csv), "workers": 0},
+                "data": {"train": str(world.train_csv), "workers": args.workers},
                 "helip": {"hard_per_target": s["hard_per_target"], "gamma": s["gamma"], "sample_from": 50,
                           "dedupe_captions": not args.no_dedupe},
                 "train": {"batch_size": args.batch_size, "lr": args.lr, "warmup": 0.05, "seed": seed,
@@ -103,9 +107,9 @@ def run(args: argparse.Namespace) -> None:
             rep = CollectingReporter()
             plan = RunPlan(s["name"].split()[0], s["hard_per_target"], args.steps, args.batch_size)
             train_run(plan, loaded=loaded, index=index, access=access, neighbors=neighbors, spec=spec,
-                      workdir=workdir, reporter=rep, device=device)
+                      workdir=workdir, reporter=rep, device=device, tokens=tokens)
             res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, eval_spec, access=access,
-                           device=device)
+                           device=device, workers=args.workers)
             record({"setting": s["name"], "seed": seed, "metrics": res, "seconds": time.time() - t1,
                     "sampler": rep.events[-1]["data"].get("sampler"), "final_loss": rep.steps[-1]})
             print(f"{s['name']:24s} seed {seed}: acc1 {res['shapes']['acc1']:.4f} "
@@ -168,6 +172,9 @@ def main() -> None:
     p.add_argument("--hard", type=int, nargs="+", default=[1, 3])
     p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3, 1.0])
     p.add_argument("--no-dedupe", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--gen-workers", type=int, default=1, help="processes generating the world")
     p.add_argument("--report", type=Path, default=None, help="write the table into this Markdown file")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
