@@ -149,7 +149,7 @@ def test_postgres_restart_while_a_job_runs(service: Service, world, pg_server):
     worker = service.start_worker("pg", HELIP_STALE_AFTER_SECONDS="60")
     try:
         job_id = service.submit(small(world, steps=24, checkpoint_every=6))
-        service.wait(job_id, lambda j: j["status"] == "running" and (j["progress"] or {}).get("step", 0) >= 3,
+        service.wait(job_id, lambda j: j["status"] == "running" and ((j["progress"] or {}).get("step") or 0) >= 3,
                      timeout=300, workers=[worker])
         t0 = time.monotonic()
         pg_server.restart()  # fast shutdown: every open connection is cut, then the same data comes back
@@ -199,10 +199,13 @@ def test_store_outage_is_retried_and_a_lasting_one_fails_clearly_keeping_the_che
     state = torch.load(newest, map_location="cpu", weights_only=True)  # a real, loadable training state
     stored = max(c["step"] for c in checkpoints(service, job_id))
     assert state["step"] >= stored  # the local one is at least as new as the last one the store holds
-    # every checkpoint the store acknowledged is intact there
-    last = max(checkpoints(service, job_id), key=lambda c: c["step"])
-    blob = httpx.get(last["url"], timeout=30).content
-    assert hashlib.sha256(blob).hexdigest() == last["sha256"]
+    # every checkpoint the store acknowledged is intact there (weed answers 500 for a few seconds after a
+    # restart while its volume server re-registers: wait for it as a client would)
+    for ck in sorted(checkpoints(service, job_id), key=lambda c: c["step"]):
+        deadline = time.monotonic() + 60
+        while (r := httpx.get(ck["url"], timeout=30)).status_code >= 500 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == ck["sha256"], (ck["step"], r.text[:300])
 
 
 # -- a worker that vanished without a trace -----------------------------------------------------------------------
@@ -242,3 +245,19 @@ def test_reaper_finds_vanished_workers_and_lost_messages(service: Service, world
     assert any(e["message"].startswith("re-sent to the queue") for e in service.events(lost))
     for job_id in (retry, lost):
         finished_once(service, job_id)
+
+
+def test_resend_waits_double_after_each_send_and_stop_doubling():
+    from helip.reaper import MAX_RESEND_DOUBLINGS, resend_due
+
+    t0 = utcnow()
+    for sends in range(10):
+        wait = 5 * 2 ** min(sends, MAX_RESEND_DOUBLINGS)  # the obvious reference: 5, 10, 20, ... 320, 320
+        last = t0 if sends else None
+        assert not resend_due(created_at=t0, sends=sends, last_sent=last, now=t0 + timedelta(seconds=wait - 0.5),
+                              after_seconds=5)
+        assert resend_due(created_at=t0, sends=sends, last_sent=last, now=t0 + timedelta(seconds=wait + 0.5),
+                          after_seconds=5)
+    # the newest of creation and last send counts: a job re-queued a moment ago is not overdue
+    assert not resend_due(created_at=t0 - timedelta(hours=1), sends=1, last_sent=t0, now=t0 + timedelta(seconds=6),
+                          after_seconds=5)
