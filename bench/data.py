@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from bench.common import RESULTS, machine, median, table, timed, write_json
+from bench.common import IMG, RESULTS, machine, median, table, timed, write_json
 
 SHARDS = 4
 
@@ -204,6 +204,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def plot(doc: dict[str, Any], path: Path) -> Path:
+    """images/s per source and worker count, one panel per model, the model's encode rate as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in doc["rows"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in doc["rows"] if r["model"] == model]
+        sources = list(dict.fromkeys(r["source"] for r in rows))
+        workers = sorted({r["workers"] for r in rows})
+        width = 0.8 / len(workers)
+        for j, w in enumerate(workers):
+            ys = [next((r["images_per_s"] for r in rows if r["source"] == s and r["workers"] == w), 0) for s in sources]
+            ax.bar([i + j * width for i in range(len(sources))], ys, width, label=f"{w} workers")
+        enc = doc["encode"][model]["images_per_s"]
+        ax.axhline(enc, color="black", ls="--", lw=1, label=f"encode {enc:,.0f}/s")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sources))], sources, fontsize=8)
+        ax.set_ylabel("images/s")
+        ax.set_title(f"{model} ({doc['encode'][model]['image_px']} px)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def print_report(doc: dict[str, Any]) -> None:
     rows = [{"model": r["model"], "source": r["source"], "workers": r["workers"], "images/s": r["images_per_s"],
              "encode images/s": doc["encode"][r["model"]]["images_per_s"], "pipeline / encode": r["ratio_to_encode"]}
@@ -225,6 +255,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-s3", dest="s3", action="store_false", help="skip the S3 server runs")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=RESULTS / "data_cpu.json")
+    p.add_argument("--plot", default=str(IMG / "bench_data.png"), help="PNG path; '' for none")
     return p
 
 
@@ -233,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc = run(args)
     print_report(doc)
     write_json(args.out, doc)
+    if args.plot:
+        plot(doc, Path(args.plot))
     print(f"wrote {args.out}")
     return doc
 

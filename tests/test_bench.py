@@ -205,8 +205,9 @@ def test_dataset_is_the_same_pairs_as_csv_and_shards(tmp_path):
 def test_data_main_writes_json(tmp_path):
     out = tmp_path / "data.json"
     bdata.main(["--models", "tiny", "--images", "24", "--workers", "0", "--batch", "8", "--encode-batch", "4",
-                "--no-s3", "--workdir", str(tmp_path / "w"), "--out", str(out)])
+                "--no-s3", "--workdir", str(tmp_path / "w"), "--out", str(out), "--plot", str(tmp_path / "d.png")])
     doc = json.loads(out.read_text())
+    assert (tmp_path / "d.png").stat().st_size > 1000
     assert [r["source"] for r in doc["rows"]] == ["csv local", "tar local"]
     enc = doc["encode"]["tiny"]["images_per_s"]
     for r in doc["rows"]:
@@ -221,7 +222,7 @@ def test_data_through_a_real_s3_server(tmp_path):
 
     try:
         bdata.main(["--models", "tiny", "--images", "16", "--workers", "0", "--batch", "8", "--encode-batch", "4",
-                    "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "d.json")])
+                    "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "d.json"), "--plot", ""])
     except ServiceMissing as exc:
         pytest.skip(str(exc))
     doc = json.loads((tmp_path / "d.json").read_text())
