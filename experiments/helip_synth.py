@@ -40,9 +40,12 @@ METRICS = (("shapes", "acc1"), ("shapes", "mean_per_class_recall"), ("retrieval"
 
 
 def settings_grid(hards: list[int], gammas: list[float]) -> list[dict]:
+    """The control first, then HELIP settings, the largest hard_per_target and middle gamma first: an
+    experiment cut short still holds the main comparison on every seed."""
     grid = [{"name": "control", "hard_per_target": 0, "gamma": 0.0}]
-    for h in hards:
-        for g in gammas:
+    mid = sorted(gammas)[len(gammas) // 2]
+    for h in sorted(hards, reverse=True):
+        for g in [mid] + [g for g in gammas if g != mid]:
             grid.append({"name": f"helip h={h} gamma={g:g}", "hard_per_target": h, "gamma": g})
     return grid
 
@@ -89,8 +92,8 @@ def run(args: argparse.Namespace) -> None:
                        workers=args.workers)
         record({"setting": "baseline", "seed": 0, "metrics": res, "seconds": 0})
 
-    for seed in args.seeds:
-        for s in settings_grid(args.hard, args.gamma):
+    for s in settings_grid(args.hard, args.gamma):
+        for seed in args.seeds:
             if (s["name"], seed) in done:
                 continue
             t1 = time.time()

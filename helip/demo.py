@@ -17,7 +17,7 @@ from helip.terminal import metrics_table
 
 # Sized so that the first run (world + base model + job) stays well under 10 minutes on 2 CPU cores.
 DEMO_WORLD = {"n_train": 6000, "image_size": 32, "seed": 0}
-DEMO_PRETRAIN = {"steps": 700, "batch_size": 128, "lr": 1e-3, "seed": 0}
+DEMO_PRETRAIN = {"steps": 400, "batch_size": 128, "lr": 1e-3, "seed": 0, "workers": 1}
 
 
 def demo_spec(world, base: Path) -> dict[str, Any]:
@@ -26,10 +26,10 @@ def demo_spec(world, base: Path) -> dict[str, Any]:
 
     return {
         "model": {"name": TINY_NAME, "config": TINY_CONFIG, "pretrained": str(base)},
-        "data": {"train": str(world.train_csv), "workers": 0},
+        "data": {"train": str(world.train_csv), "workers": 1},
         "mining": {"top_k": 50, "method": "exact"},
         "helip": {"hard_per_target": 3, "sample_from": 50, "gamma": 0.3},
-        "train": {"epochs": 2, "batch_size": 128, "lr": 3e-4, "warmup": 0.05, "seed": 0, "checkpoint_every": 50},
+        "train": {"epochs": 1, "batch_size": 128, "lr": 3e-4, "warmup": 0.05, "seed": 0, "checkpoint_every": 50},
         "eval": world.eval_spec(),
         "control": True,
     }
