@@ -88,6 +88,8 @@ class Run:
             self.doc["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"
             print(f"[{self.elapsed():6.1f}s] {name} FAILED: {type(exc).__name__}: {exc}", flush=True)
         finally:
+            # Compiled graphs keep their model (and its optimizer state) alive: drop them between phases.
+            torch._dynamo.reset()
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
