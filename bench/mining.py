@@ -103,8 +103,8 @@ def synthetic_embeddings_torch(n: int, d: int = 512, *, seed: int = 0, device: s
     g = torch.Generator(device=dev).manual_seed(seed)
     clusters = max(8, n // per_cluster)
     ct = torch.nn.functional.normalize(torch.randn(clusters, d, generator=g, device=dev), dim=1)
-    cv = torch.nn.functional.normalize(0.6 * ct + 0.8 * torch.randn(clusters, d, generator=g, device=dev) / math.sqrt(d),
-                                       dim=1)
+    noise = torch.randn(clusters, d, generator=g, device=dev) / math.sqrt(d)
+    cv = torch.nn.functional.normalize(0.6 * ct + 0.8 * noise, dim=1)
     assign = torch.randint(0, clusters, (n,), generator=g, device=dev)
     t = torch.empty(n, d, dtype=dtype, device=dev)
     v = torch.empty(n, d, dtype=dtype, device=dev)
@@ -271,7 +271,8 @@ def recall_at_k(fast: np.ndarray, exact: np.ndarray) -> float:
 
 
 def run(sizes: list[int], methods: list[str], *, d: int, top_k: int, seed: int, device: str,
-        out: Path, doc: dict[str, Any] | None = None, timeout: float = 3600, cap_s: float | None = None) -> dict[str, Any]:
+        out: Path, doc: dict[str, Any] | None = None, timeout: float = 3600,
+        cap_s: float | None = None) -> dict[str, Any]:
     doc = doc or {"benchmark": "mining", "machine": machine(device), "rows": []}
     doc["config"] = {"d": d, "top_k": top_k, "seed": seed, "device": device,
                      "threads": os.environ.get("OMP_NUM_THREADS", "default")}
@@ -282,7 +283,8 @@ def run(sizes: list[int], methods: list[str], *, d: int, top_k: int, seed: int, 
                          device=device, cap_s=cap_s)
             r["working_mib"] = round(r["rss_peak_mib"] - r["rss_data_mib"], 1)
             doc["rows"] = [x for x in doc["rows"] if (x["method"], x["n"]) != (m, n)] + [r]
-            print(f"  {m:9s} N={n:>8,}  {r['seconds']:8.1f} s (wall {r['wall_seconds']:.1f} s)  peak {r['rss_peak_mib']:7.0f} MiB  "
+            print(f"  {m:9s} N={n:>8,}  {r['seconds']:8.1f} s (wall {r['wall_seconds']:.1f} s)  "
+                  f"peak {r['rss_peak_mib']:7.0f} MiB  "
                   f"(working {r['working_mib']:.0f} MiB)", flush=True)
             write_json(out, doc)
         ex, fa = _neighbors_path("exact", n, d, seed), _neighbors_path("fast", n, d, seed)
@@ -326,8 +328,8 @@ def summarise(doc: dict[str, Any]) -> None:
     if fa and ex and b == b:
         # fast against exact at the same N: measured exact where there is one, else exact's fitted trend
         n0 = max(ex)
-        met["fast_speedup_vs_exact"] = {
-            n: (ex[n]["seconds"] if n in ex else ex[n0]["seconds"] * (n / n0) ** b) / fa[n]["seconds"] for n in sorted(fa)}
+        exact_at = {n: ex[n]["seconds"] if n in ex else ex[n0]["seconds"] * (n / n0) ** b for n in fa}
+        met["fast_speedup_vs_exact"] = {n: exact_at[n] / fa[n]["seconds"] for n in sorted(fa)}
     if fa:
         n_max = max(fa)
         rec = fa[n_max].get("recall_vs_exact_all_rows", fa[n_max].get("report", {}).get("recall_at_k"))

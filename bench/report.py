@@ -67,7 +67,8 @@ def render(doc: dict[str, Any]) -> str:
             rows.append({"run": name, "model": c.get("model"), "batch": c.get("batch"),
                          "compile": c.get("compile"), "channels_last": c.get("channels_last"),
                          "plain samples/s": plain.get("samples_per_s"), "HELIP samples/s": helip.get("samples_per_s"),
-                         "time ratio": r.get("ratio_time"), "plain peak GiB": plain.get("peak_memory_gib"),
+                         "time ratio": r.get("ratio_time"), "paired ratio": r.get("ratio_time_paired"),
+                         "plain peak GiB": plain.get("peak_memory_gib"),
                          "HELIP peak GiB": helip.get("peak_memory_gib"), "memory ratio": r.get("ratio_memory"),
                          "compile s": r.get("compile_seconds")})
             mem = r.get("ratio_memory")
@@ -76,13 +77,15 @@ def render(doc: dict[str, Any]) -> str:
                            + ("not measured" if mem is None else f"{mem:.3f} -> {_verdict(mem <= 1.05)}"))
         anchor = a.get("step_vit_b_32_compiled_fused_samples_per_s")
         if anchor:
-            targets.append(f"- fine-tuning samples/s at least the anchor's best (ViT-B-32 compiled + fused, {anchor:,}/s): "
+            targets.append("- fine-tuning samples/s at least the anchor's best "
+                           f"(ViT-B-32 compiled + fused, {anchor:,}/s): "
                            f"best HELIP {best_helip:,.0f}/s -> {_verdict(best_helip >= anchor)}")
         out += ["**Fine-tuning step** (item 1: HELIP = hard-pair mask + contrastive + margin; plain = open_clip "
                 "ClipLoss; fused AdamW; anchors: ViT-B-32 bs1024 eager 4,660/s, fused 4,720/s, compiled + fused "
                 "6,650/s; ViT-B-16 bs512 2,000/s)", "",
                 table(rows, ["run", "model", "batch", "compile", "channels_last", "plain samples/s", "HELIP samples/s",
-                             "time ratio", "plain peak GiB", "HELIP peak GiB", "memory ratio", "compile s"]), ""]
+                             "time ratio", "paired ratio", "plain peak GiB", "HELIP peak GiB", "memory ratio",
+                             "compile s"]), ""]
 
     mining = ph.get("mining_exact")
     if mining:
@@ -91,13 +94,16 @@ def render(doc: dict[str, Any]) -> str:
                            ("reference", "brute force, same block loop, no filters"),
                            ("anchor_loop", "anchor's loop: one product, top-64, 4,096 a block")):
             r = mining.get(key, {})
-            rows.append({"what": label, "queries/s": r.get("queries_per_s_steady"), "seconds (all N)": r.get("seconds_full"),
+            rows.append({"what": label, "queries/s": r.get("queries_per_s_steady"),
+                         "seconds (all N)": r.get("seconds_full"),
                          "steady seconds": r.get("seconds_full_steady"),
-                         "measured": "all" if r.get("complete") else f"{r.get('queries_done', 0):,} queries, extrapolated"})
+                         "measured": "all" if r.get("complete")
+                         else f"{r.get('queries_done', 0):,} queries, extrapolated"})
         exact_s = mining.get("exact", {}).get("seconds_full")
         anchor_s = a.get("mining_bruteforce_3_3m_seconds")
-        out += [f"**Mining** (item 2: {mining.get('n', 0):,} x {mining.get('d')} {mining.get('dtype')}, top-{mining.get('top_k')}; "
-                f"anchor: brute force 3.3M in {anchor_s} s, {a.get('mining_bruteforce_queries_per_s', 0):,} queries/s)", "",
+        out += [f"**Mining** (item 2: {mining.get('n', 0):,} x {mining.get('d')} {mining.get('dtype')}, "
+                f"top-{mining.get('top_k')}; anchor: brute force 3.3M in {anchor_s} s, "
+                f"{a.get('mining_bruteforce_queries_per_s', 0):,} queries/s)", "",
                 table(rows, ["what", "queries/s", "seconds (all N)", "steady seconds", "measured"]), ""]
         if exact_s and anchor_s:
             targets.append(f"- exact mining of {mining.get('n', 0):,} pairs faster than the {anchor_s} s anchor: "
@@ -128,7 +134,8 @@ def render(doc: dict[str, Any]) -> str:
                        key=lambda r: r["ratio_to_encode"], default=None)
             if best:
                 targets.append(f"- {model}: data pipeline keeps up with the encoder (best {best['workers']} workers, "
-                               f"{best['source']}): {best['ratio_to_encode']:.2f}x -> {_verdict(best['ratio_to_encode'] >= 1)}")
+                               f"{best['source']}): {best['ratio_to_encode']:.2f}x -> "
+                               f"{_verdict(best['ratio_to_encode'] >= 1)}")
 
     if doc.get("skipped") or doc.get("errors"):
         out += ["Not measured in this run: " + "; ".join(
