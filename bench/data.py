@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import shutil
 import tarfile
 import tempfile
 import time
@@ -201,6 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if server is not None:
             server.stop()
+        if args.workdir is None:  # a temporary copy of the data set: do not leave it behind
+            shutil.rmtree(work, ignore_errors=True)
     return doc
 
 

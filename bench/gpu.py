@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -205,6 +206,7 @@ def phase_data(cfg: dict[str, Any], dev: torch.device, encode: dict[str, Any]) -
         del loaded
         if cfg["b16"] == cfg["b32"]:
             break
+    shutil.rmtree(work, ignore_errors=True)
     return out
 
 
