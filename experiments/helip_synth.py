@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> None:
         neighbors = mined.neighbors
         torch.save(torch.from_numpy(neighbors), pairs_file)
         torch.save(torch.from_numpy(emb.tokens), out / "tokens.pt")
-    tokens = torch.load(out / "tokens.pt", weights_only=True).numpy()
+    tokens_file = out / "tokens.pt"  # absent for an experiment started before tokens were kept
+    tokens = torch.load(tokens_file, weights_only=True).numpy() if tokens_file.exists() else None
     results_file = out / "results.jsonl"
     done = {(r["setting"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else set()
