@@ -190,3 +190,21 @@ def test_cli_run_and_mine(world, tmp_path):
                        timeout=120)
     assert r.returncode == 1
     assert "helip.sampel_from" in r.stderr
+
+
+def test_ssl_term_accumulation_separate_miner_and_fast_mining(world, tmp_path):
+    """The less travelled options in one small job: SLIP's SimCLR term, gradient accumulation, a separate
+    open_clip model as the miner (its tokens are not reused), and the fast (faiss) mining path."""
+    spec = tiny_spec(world, control=False, eval={"zeroshot": world.eval_spec()["zeroshot"]},
+                     train={"max_steps": 3, "batch_size": 32, "accum_steps": 2, "ssl_weight": 0.5, "lr": 1e-4,
+                            "log_every": 1, "seed": 3},
+                     mining={"top_k": 10, "method": "fast", "encoder": NAME, "recall_sample": 50})
+    rep = CollectingReporter()
+    run_job(spec, tmp_path, reporter=rep)
+    steps = [s for s in rep.steps if s["run"] == "helip"]
+    assert len(steps) == 3
+    assert all(s["ssl_loss"] > 0 and s["contrastive_loss"] > 0 for s in steps)
+    assert all(s["loss"] == pytest.approx(s["contrastive_loss"] + s["margin_loss"] + s["ssl_loss"]) for s in steps)
+    mined = [e for e in rep.events if e["message"].startswith("mined")]
+    assert mined[0]["data"]["method"] == "fast"
+    assert 0.0 <= mined[0]["data"]["recall_at_k"] <= 1.0
