@@ -40,12 +40,12 @@ def world(tmp_path_factory):
                           zeroshot_per_class=1, probe_per_class=(1, 1), shards=2, seed=3)
 
 
-def job_spec(world, *, steps: int, checkpoint_every: int) -> dict[str, Any]:
+def job_spec(world, *, steps: int, checkpoint_every: int, workers: int = 0) -> dict[str, Any]:
     ev = world.eval_spec()
     ev.pop("linear_probe")  # zero-shot and retrieval are enough here; the probe has its own tests
     return {
         "model": {"name": MODEL, "config": TINY},
-        "data": {"train": str(world.train_csv), "workers": 0},
+        "data": {"train": str(world.train_csv), "workers": workers},
         "mining": {"top_k": 8, "batch_size": 64},
         "helip": {"hard_per_target": 1, "sample_from": 8},
         "train": {"batch_size": 32, "epochs": 100, "max_steps": steps, "lr": 1e-3, "warmup": 2,
@@ -195,7 +195,8 @@ def assert_steps_once(steps: list[dict[str, Any]], run: str, total: int) -> None
 def test_a_job_runs_to_succeeded_and_its_checkpoint_loads(service: Service, world, tmp_path: Path):
     worker = service.start_worker("ok", HELIP_STALE_AFTER_SECONDS="120")
     try:
-        job_id = service.submit(job_spec(world, steps=12, checkpoint_every=4))
+        # DataLoader worker processes inside the Celery pool's (daemonic) child: they must be allowed
+        job_id = service.submit(job_spec(world, steps=12, checkpoint_every=4, workers=1))
         live_steps = live_events = 0
 
         def watch(job: dict[str, Any]) -> bool:

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 from helip.queue import RUN_JOB_TASK
 from helip.settings import get_settings
 from worker.celery_app import app
 from worker.runner import execute_job, worker_identity
 
 
+def allow_child_processes() -> None:
+    """A prefork pool's child is daemonic, and daemonic processes may not start children; a job needs
+    them (DataLoader workers, DDP ranks). The job's child processes are its own and end with it."""
+    multiprocessing.current_process()._config["daemon"] = False
+    try:
+        import billiard.process
+
+        billiard.process.current_process()._config["daemon"] = False
+    except ImportError:
+        pass
+
+
 @app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self, job_id: str) -> str | None:  # noqa: ANN001 - Celery's bound task
     """Run (or resume) one job. A message for a job that is not claimable is acknowledged and does nothing."""
+    allow_child_processes()
     return execute_job(job_id, settings=get_settings(), worker_id=worker_identity(self.request.hostname))
