@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +22,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import open_clip  # noqa: E402  (after HF_HUB_OFFLINE, which huggingface_hub reads at import)
 
 _CONFIG_DIR = Path(tempfile.gettempdir()) / "helip-model-configs"
+
+
+class _RandomInitIsIntended(logging.Filter):
+    """open_clip warns on the root logger whenever a model starts from random weights; here that is
+    asked for (a base model about to be pretrained, a test), so the warning is only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_RandomInitIsIntended())
 
 
 @dataclass
