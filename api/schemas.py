@@ -49,6 +49,8 @@ class Progress(BaseModel):
     step: int | None = None
     total_steps: int | None = None
     eta_seconds: float | None = None
+    run: str | None = Field(default=None, description="the training run of step/total_steps: helip or control")
+    loss: float | None = Field(default=None, description="the training loss at that step (all terms summed)")
 
 
 class JobPublic(BaseModel):

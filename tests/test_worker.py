@@ -285,6 +285,7 @@ def test_progress_writes_are_throttled_and_eta_follows_the_pace(sessions, store,
     rep.step("helip", 20, 110, {"loss": 0.1})  # re-logged after a resume: kept once, first value wins
     p = get(sessions, job_id).progress
     assert (p["stage"], p["step"], p["total_steps"], p["eta_seconds"]) == ("training", 20, 110, 90.0)
+    assert (p["run"], p["loss"]) == ("helip", 0.9)  # the loss of the last progress write (throttled)
     assert [(r.step, r.values["loss"]) for r in rows(sessions, StepMetric, job_id)] == [(10, 1.0), (20, 0.9)]
     # should_cancel reads the row at most every poll_seconds (2 s by default) and answers from its cache between
     assert rep.should_cancel() is False

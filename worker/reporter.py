@@ -167,8 +167,10 @@ class DbReporter:
         t0, s0 = self._run_t0.setdefault(run, (now, step))
         # ETA from this attempt's own pace: steps restored from a checkpoint cost nothing here.
         eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
+        loss = values.get("loss")
         self._progress.update(run=run, step=int(step), total_steps=int(total),
-                              eta_seconds=None if eta is None else round(eta, 1))
+                              eta_seconds=None if eta is None else round(eta, 1),
+                              loss=None if loss is None or loss != loss else round(float(loss), 4))
         row = json_safe(values)
         self._write("step", lambda s: crud.record_step(s, job_id=self.job_id, run=run, step=int(step), values=row))
         self._progress_write(force=step >= total)
