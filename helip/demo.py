@@ -84,11 +84,14 @@ def _poll(client: httpx.Client, job_id: str) -> dict:
         prog = job.get("progress") or {}
         status, stage = job["status"], job.get("stage") or "-"
         line = f"  {status:9s} stage={stage:10s}"
-        if prog.get("total_steps"):
+        if stage == "training" and prog.get("total_steps"):
             line += f" {prog.get('run', '')} step {prog.get('step', 0)}/{prog['total_steps']}"
-        if prog.get("loss") is not None:
-            line += f" loss {prog['loss']:.3f}"
-        line += f" ETA {_fmt_eta(prog.get('eta_seconds'))}  ({time.time() - started:.0f}s)"
+            if prog.get("loss") is not None:
+                line += f" loss {prog['loss']:.3f}"
+        elif prog.get("total"):
+            line += f" {prog.get('done', 0)}/{prog['total']}"
+        eta = prog.get("eta_seconds") if status == "running" else None
+        line += f" ETA {_fmt_eta(eta)}  ({time.time() - started:.0f}s)"
         if tty:
             print("\r" + line.ljust(len(last_line)), end="", flush=True)
         elif line != last_line and time.time() - last_print > 5:
@@ -157,13 +160,18 @@ def run_demo(*, port: int, data_dir: Path) -> int:
         cks = client.get(f"/jobs/{job['id']}/checkpoints").json().get("data", [])
         final = [c for c in cks if c.get("final") and c.get("run") == "helip"]
         pairs = client.get(f"/jobs/{job['id']}/hard-pairs").json()
+        store = data_dir / "store" / "jobs" / job["id"]
         _say("")
+        _say(f"boosted checkpoint: {store / 'checkpoints' / 'helip_final.pt'}")
         if final:
-            _say(f"boosted checkpoint: {final[-1].get('url') or final[-1].get('download_url')}")
-        _say(f"mined hard pairs:   {pairs.get('url') or pairs.get('download_url')}")
+            _say(f"                    {final[-1]['url']}")
+        _say(f"mined hard pairs:   {store / 'hard_pairs.parquet'}")
+        _say(f"                    {pairs['url']}")
+        _say(f"metrics:            {store / 'metrics.json'}")
         _say(f"job:                {base_url}/jobs/{job['id']}")
         _say(f"API docs:           {base_url}/docs")
-        _say(f"demo took {time.time() - t0:.0f}s")
+        _say(f"demo took {time.time() - t0:.0f}s. The API stops with the demo; to browse the job and its links "
+             f"again: HELIP_DATA_DIR={data_dir} helip serve --port {port}")
         return 0
     finally:
         for p in procs:
