@@ -97,7 +97,16 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def peak_rss_mib() -> float:
-    """This process's resident-set high-water mark (Linux reports KiB)."""
+    """This process's resident-set high-water mark, from /proc's VmHWM where there is one.
+
+    Not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a fresh process started by a large
+    parent (a long pytest session) reports the parent's peak until it grows past it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -151,8 +160,8 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 def isolated(target: str, *, timeout: float = 3600, env: dict[str, str] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Run `module:function(**kwargs)` in a fresh Python process and return its dict result.
 
-    A fresh process is the only way to read one measurement's peak memory on CPU: ru_maxrss is a
-    high-water mark that never goes down, and tracemalloc does not see torch's allocations. The
+    A fresh process is the only way to read one measurement's peak memory on CPU: the RSS high-water
+    mark never goes down within a process, and tracemalloc does not see torch's allocations. The
     result gains `rss_base_mib` (after imports, before the call) and `rss_peak_mib`.
     """
     child_env = {**os.environ, **(env or {})}

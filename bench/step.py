@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res[v]["step_memory_delta_mib"] = mem[v]["step_peak_delta_mib"]
         res["ratio_memory"] = mem["helip"]["rss_peak_mib"] / mem["plain"]["rss_peak_mib"]
         res["ratio_step_memory_delta"] = mem["helip"]["step_peak_delta_mib"] / mem["plain"]["step_peak_delta_mib"]
-        res["memory_method"] = ("peak RSS (ru_maxrss) of one fresh process per variant running 3 steps; "
+        res["memory_method"] = ("peak RSS (VmHWM) of one fresh process per variant running 3 steps; "
                                 "the step deltas are from just before the first step")
     doc = {"benchmark": "step", "machine": machine(args.device), "config": cfg, **res,
            "targets": {"time_ratio_max": 1.05, "memory_ratio_max": 1.05}}
