@@ -68,7 +68,7 @@ class PairIndex:
 
 
 class _Builder:
-    """Accumulates rows; bad rows get a placeholder source so that row numbers never shift."""
+    """Accumulates rows; bad rows keep a row (with an empty source) so that row numbers never shift."""
 
     def __init__(self, max_caption_chars: int):
         self.max_chars = max_caption_chars
