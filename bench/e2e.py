@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -99,22 +98,11 @@ def run_service(spec: dict[str, Any], data_dir: Path, env: dict[str, str], *, ti
     """`helip serve` + `helip worker`, one job over HTTP, polled every 0.5 s to a terminal status."""
     import httpx
 
-    from helip.demo import _wait_http
+    from helip.demo import local_service
 
     port = _free_port()
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen] = []
     t0 = time.perf_counter()
-    try:
-        with open(logs / "api.log", "w") as api_log, open(logs / "worker.log", "w") as worker_log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "helip.cli", "serve", "--port", str(port)], env=env,
-                                          stdout=api_log, stderr=subprocess.STDOUT, cwd=REPO))
-            procs.append(subprocess.Popen([sys.executable, "-m", "helip.cli", "worker", "--concurrency", "1",
-                                           "--loglevel", "warning"], env=env, stdout=worker_log,
-                                          stderr=subprocess.STDOUT, cwd=REPO))
-        base_url = f"http://127.0.0.1:{port}"
-        _wait_http(base_url + "/healthz", procs[0], seconds=120)
+    with local_service(env, data_dir / "logs", port, cwd=REPO, ready_seconds=120) as base_url:
         startup = time.perf_counter() - t0
         with httpx.Client(base_url=base_url, timeout=30) as client:
             t1 = time.perf_counter()
@@ -130,21 +118,12 @@ def run_service(spec: dict[str, Any], data_dir: Path, env: dict[str, str], *, ti
                     raise RuntimeError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
                 time.sleep(0.5)
             wall = time.perf_counter() - t1
-        if job["status"] != "succeeded":
-            raise RuntimeError(f"job ended {job['status']}: {job.get('error')}")
-        created, started, finished = (_ts(job.get(k)) for k in ("created_at", "started_at", "finished_at"))
-        return {"startup_s": startup, "submit_to_done_wall_s": wall,
-                "queue_wait_s": (started - created) if started and created else None,
-                "worker_run_s": (finished - started) if finished and started else None, "job_id": job_id}
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job ended {job['status']}: {job.get('error')}")
+    created, started, finished = (_ts(job.get(k)) for k in ("created_at", "started_at", "finished_at"))
+    return {"startup_s": startup, "submit_to_done_wall_s": wall,
+            "queue_wait_s": (started - created) if started and created else None,
+            "worker_run_s": (finished - started) if finished and started else None, "job_id": job_id}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

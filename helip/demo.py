@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,8 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+def wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    """Wait until `url` answers 200, failing early when `proc` (the server) exits."""
     end = time.time() + seconds
     while time.time() < end:
         if proc.poll() is not None:
@@ -57,6 +60,34 @@ def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
             pass
         time.sleep(0.3)
     raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
+
+
+@contextlib.contextmanager
+def local_service(env: dict[str, str], logs: Path, port: int, *, cwd: Path | None = None,
+                  ready_seconds: float = 60) -> Iterator[str]:
+    """`helip serve` and one `helip worker` as subprocesses (logs under `logs`); yields the API's base URL
+    once /healthz answers, and stops both (SIGTERM, then SIGKILL) on the way out."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        with open(logs / "api.log", "w") as api_log, open(logs / "worker.log", "w") as worker_log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "helip.cli", "serve", "--port", str(port)],
+                                          env=env, stdout=api_log, stderr=subprocess.STDOUT, cwd=cwd))
+            procs.append(subprocess.Popen([sys.executable, "-m", "helip.cli", "worker", "--concurrency", "1",
+                                           "--loglevel", "warning"], env=env, stdout=worker_log,
+                                          stderr=subprocess.STDOUT, cwd=cwd))
+        base_url = f"http://127.0.0.1:{port}"
+        wait_http(base_url + "/healthz", procs[0], seconds=ready_seconds)
+        yield base_url
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -130,17 +161,8 @@ def run_demo(*, port: int, data_dir: Path) -> int:
     _say(f"    {base} ({time.time() - t1:.0f}s)")
 
     _say("3/4 starting the API and a worker")
-    procs: list[subprocess.Popen] = []
     logs = data_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "helip.cli", "serve", "--port", str(port)], env=env,
-                                      stdout=open(logs / "api.log", "w"), stderr=subprocess.STDOUT))
-        procs.append(subprocess.Popen([sys.executable, "-m", "helip.cli", "worker", "--concurrency", "1",
-                                       "--loglevel", "warning"], env=env,
-                                      stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT))
-        base_url = f"http://127.0.0.1:{port}"
-        _wait_http(base_url + "/healthz", procs[0])
+    with local_service(env, logs, port) as base_url:
         _say(f"    API {base_url} (logs in {logs})")
         client = httpx.Client(base_url=base_url, timeout=30)
         spec = demo_spec(world, base)
@@ -173,12 +195,3 @@ def run_demo(*, port: int, data_dir: Path) -> int:
         _say(f"demo took {time.time() - t0:.0f}s. The API stops with the demo; to browse the job and its links "
              f"again: HELIP_DATA_DIR={data_dir} helip serve --port {port}")
         return 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()

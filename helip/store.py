@@ -176,17 +176,17 @@ class FileStore(Store):
         tmp.write_bytes(data)
         tmp.replace(dest)
 
-    def _get(self, key: str, dest: Path) -> None:
+    def _existing(self, key: str) -> Path:
         src = self.local_path(key)
         if not src.is_file():
             raise StorageError(f"no object {key!r} in {self.url}")
-        shutil.copyfile(src, dest)
+        return src
+
+    def _get(self, key: str, dest: Path) -> None:
+        shutil.copyfile(self._existing(key), dest)
 
     def _get_bytes(self, key: str) -> bytes:
-        src = self.local_path(key)
-        if not src.is_file():
-            raise StorageError(f"no object {key!r} in {self.url}")
-        return src.read_bytes()
+        return self._existing(key).read_bytes()
 
     def _exists(self, key: str) -> bool:
         return self.local_path(key).is_file()
@@ -241,15 +241,19 @@ class S3Store(Store):
 
         self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
 
-    def _get(self, key: str, dest: Path) -> None:
+    def _open(self, key: str):
+        """The object's response (caller closes it); a missing object is a StorageError, not retried."""
         from minio.error import S3Error
 
         try:
-            resp = self.client.get_object(self.bucket, self._name(key))
+            return self.client.get_object(self.bucket, self._name(key))
         except S3Error as exc:
             if self._missing(exc):
                 raise StorageError(f"no object {key!r} in {self.url}") from exc
             raise
+
+    def _get(self, key: str, dest: Path) -> None:
+        resp = self._open(key)
         try:
             with open(dest, "wb") as f:
                 for chunk in resp.stream(CHUNK):
@@ -259,14 +263,7 @@ class S3Store(Store):
             resp.release_conn()
 
     def _get_bytes(self, key: str) -> bytes:
-        from minio.error import S3Error
-
-        try:
-            resp = self.client.get_object(self.bucket, self._name(key))
-        except S3Error as exc:
-            if self._missing(exc):
-                raise StorageError(f"no object {key!r} in {self.url}") from exc
-            raise
+        resp = self._open(key)
         try:
             return resp.read()
         finally:
