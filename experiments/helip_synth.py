@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import build_index  # noqa: E402
 from core.embed import embed_pairs  # noqa: E402
-from core.evaluate import evaluate  # noqa: E402
+from core.data import ImageListDataset, collate_images, read_image_folder  # noqa: E402
+from core.evaluate import encode_images, evaluate, zeroshot_classifier  # noqa: E402
 from core.io import Access  # noqa: E402
 from core.mining import mine_exact  # noqa: E402
 from core.models import load_model  # noqa: E402
@@ -35,19 +37,71 @@ from core.spec import EvalSpec, resolve_spec  # noqa: E402
 from core.synth import generate_world  # noqa: E402
 from core.train import RunPlan, train_run  # noqa: E402
 
-METRICS = (("shapes", "acc1"), ("shapes", "acc5"), ("retrieval", "image_retrieval_recall@1"),
-           ("retrieval", "text_retrieval_recall@1"), ("retrieval", "image_retrieval_recall@5"))
+# The base models the experiment can use, all with the tests' text tower: the tests' and demo's tiny ViT
+# (patch 8: 4 x 4 patches on a 32 px image), the same ViT at patch 4, and small ModifiedResNet towers
+# (open_clip's RN layout: a list of `layers` makes a ResNet), which learn shapes much sooner than a ViT.
+MODELS = {
+    "tiny": (TINY_NAME, TINY_CONFIG),
+    "tiny-p4": ("helip-tiny-vit-p4", {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "patch_size": 4}}),
+    "tiny-rn16": ("helip-tiny-rn16", {**TINY_CONFIG, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1],
+                                                                    "width": 16, "head_width": 32}}),
+    "tiny-rn32": ("helip-tiny-rn32", {**TINY_CONFIG, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1],
+                                                                    "width": 32, "head_width": 64}}),
+}
+
+# (data set, metric, column title) of the report's table.
+METRICS = (("shapes", "acc1", "zero-shot acc1"), ("shapes", "acc5", "zero-shot acc5"),
+           ("shapes_by_attribute", "shape_acc", "zero-shot shape right"),
+           ("retrieval", "image_retrieval_recall@1", "image R@1"), ("retrieval", "text_retrieval_recall@1", "text R@1"),
+           ("retrieval", "image_retrieval_recall@5", "image R@5"))
 
 
-def settings_grid(hards: list[int], gammas: list[float]) -> list[dict]:
+def _value(metrics: dict, dataset: str, metric: str) -> float | None:
+    return metrics.get(dataset, {}).get(metric)
+
+
+def settings_grid(hards: list[int], gammas: list[float], margins: list[float] = (0.0,),
+                  control: bool = True) -> list[dict]:
     """The control first, then HELIP settings, the largest hard_per_target and middle gamma first: an
-    experiment cut short still holds the main comparison on every seed."""
-    grid = [{"name": "control", "hard_per_target": 0, "gamma": 0.0}]
+    experiment cut short still holds the main comparison on every seed. A setting's name carries its
+    margin when it is not 0 (gamma 0 makes the margin irrelevant: that setting is run once)."""
+    grid = [{"name": "control", "hard_per_target": 0, "gamma": 0.0, "margin": 0.0}] if control else []
     mid = sorted(gammas)[len(gammas) // 2]
     for h in sorted(hards, reverse=True):
         for g in [mid] + [g for g in gammas if g != mid]:
-            grid.append({"name": f"helip h={h} gamma={g:g}", "hard_per_target": h, "gamma": g})
+            for m in (margins if g > 0 else [0.0]):
+                name = f"helip h={h} gamma={g:g}" + (f" m={m:g}" if m else "")
+                grid.append({"name": name, "hard_per_target": h, "gamma": g, "margin": m})
     return grid
+
+
+def attribute_scores(pred: list[int], labels: list[int], classnames: list[str]) -> dict[str, float]:
+    """How often a predicted "<colour> <shape>" class has the true class's colour, and its shape."""
+    if len(pred) != len(labels) or not pred:
+        raise ValueError("pred and labels must be non-empty and of one length")
+    colour = [c.split()[0] for c in classnames]
+    shape = [c.split()[1] for c in classnames]
+    pairs = list(zip(pred, labels))
+    return {"colour_acc": sum(colour[p] == colour[y] for p, y in pairs) / len(pairs),
+            "shape_acc": sum(shape[p] == shape[y] for p, y in pairs) / len(pairs)}
+
+
+@torch.no_grad()
+def attribute_accuracy(loaded, world, access: Access, device: torch.device, workers: int) -> dict[str, float]:
+    """Zero-shot predictions on the 48 "<colour> <shape>" classes, scored per attribute: how often the
+    predicted class has the right colour, and how often the right shape (chance: 1/8 and 1/6)."""
+    items, _ = read_image_folder(str(world.zeroshot_root), access, param="zeroshot")
+    dataset = ImageListDataset([loc for loc, _ in items], [c for _, c in items], access, loaded.preprocess_val)
+    loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=collate_images)
+    training = loaded.model.training
+    loaded.model.eval()  # BatchNorm (the ResNet towers) must use its running statistics
+    try:
+        feats, labels = encode_images(loaded.model, loader, device)
+        weights = zeroshot_classifier(loaded.model, loaded.tokenizer, world.classnames, world.templates, device)
+    finally:
+        loaded.model.train(training)
+    pred = (feats @ weights).argmax(dim=1)
+    return attribute_scores(pred.tolist(), labels.tolist(), list(world.classnames))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -57,9 +111,11 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    world = generate_world(out / "world", n_train=args.n_train, seed=0, workers=args.gen_workers)
-    base = pretrain_base(world.train_csv, out / "base.pt", steps=args.pretrain_steps, batch_size=128, lr=1e-3,
-                         seed=0, device=str(device), workers=args.workers)
+    world = generate_world(out / "world", n_train=args.n_train, zeroshot_per_class=args.zeroshot_per_class, seed=0,
+                           workers=args.gen_workers)
+    name, config = MODELS[args.model]
+    base = pretrain_base(world.train_csv, out / "base.pt", steps=args.pretrain_steps, batch_size=args.pretrain_batch_size, lr=1e-3,
+                         seed=0, config=config, name=name, device=str(device), workers=args.workers)
     print(f"world + base ready ({time.time() - t0:.0f}s)", flush=True)
     access = Access()
     index = build_index(str(world.train_csv), access=access)
@@ -70,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
     if pairs_file.exists():
         neighbors = torch.load(pairs_file, weights_only=True).numpy()
     else:
-        loaded = load_model(TINY_NAME, config=TINY_CONFIG, pretrained=str(base), device=device)
+        loaded = load_model(name, config=config, pretrained=str(base), device=device)
         emb = embed_pairs(loaded, index, access, device=device, batch_size=256, workers=args.workers)
         mined = mine_exact(torch.from_numpy(emb.text), torch.from_numpy(emb.image), top_k=50,
                            valid=index.valid_mask(), device=device)
@@ -88,25 +144,29 @@ def run(args: argparse.Namespace) -> None:
             f.write(json.dumps(row) + "\n")
 
     if ("baseline", 0) not in done:
-        loaded = load_model(TINY_NAME, config=TINY_CONFIG, pretrained=str(base), device=device)
+        loaded = load_model(name, config=config, pretrained=str(base), device=device)
         res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, eval_spec, access=access, device=device,
                        workers=args.workers)
+        res["shapes_by_attribute"] = attribute_accuracy(loaded, world, access, device, args.workers)
         record({"setting": "baseline", "seed": 0, "metrics": res, "seconds": 0})
 
-    for s in settings_grid(args.hard, args.gamma):
+    for s in settings_grid(args.hard, args.gamma, args.margin, control=not args.no_control):
+        if args.no_dedupe and s["hard_per_target"] > 0:
+            s["name"] += " no-dedupe"
         for seed in args.seeds:
             if (s["name"], seed) in done:
                 continue
             t1 = time.time()
             spec = resolve_spec({
-                "model": {"name": TINY_NAME, "config": TINY_CONFIG, "pretrained": str(base)},
+                "model": {"name": name, "config": config, "pretrained": str(base)},
                 "data": {"train": str(world.train_csv), "workers": args.workers},
-                "helip": {"hard_per_target": s["hard_per_target"], "gamma": s["gamma"], "sample_from": 50,
+                "helip": {"hard_per_target": s["hard_per_target"], "gamma": s["gamma"], "margin": s["margin"],
+                          "sample_from": args.sample_from,
                           "dedupe_captions": not args.no_dedupe},
                 "train": {"batch_size": args.batch_size, "lr": args.lr, "warmup": 0.05, "seed": seed,
                           "checkpoint_every": 10**9, "log_every": 50},
             })
-            loaded = load_model(TINY_NAME, config=TINY_CONFIG, pretrained=str(base), device=device)
+            loaded = load_model(name, config=config, pretrained=str(base), device=device)
             workdir = out / "runs" / f"{s['name'].replace(' ', '_')}_seed{seed}"
             rep = CollectingReporter()
             plan = RunPlan(s["name"].split()[0], s["hard_per_target"], args.steps, args.batch_size)
@@ -114,6 +174,7 @@ def run(args: argparse.Namespace) -> None:
                       workdir=workdir, reporter=rep, device=device, tokens=tokens)
             res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, eval_spec, access=access,
                            device=device, workers=args.workers)
+            res["shapes_by_attribute"] = attribute_accuracy(loaded, world, access, device, args.workers)
             record({"setting": s["name"], "seed": seed, "metrics": res, "seconds": time.time() - t1,
                     "sampler": rep.events[-1]["data"].get("sampler"), "final_loss": rep.steps[-1]})
             print(f"{s['name']:24s} seed {seed}: acc1 {res['shapes']['acc1']:.4f} "
@@ -121,22 +182,25 @@ def run(args: argparse.Namespace) -> None:
     print(f"experiment done ({time.time() - t0:.0f}s)", flush=True)
 
 
-def report(out: Path, dest: Path | None, args: argparse.Namespace) -> str:
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+def report(results: Path, dest: Path | None, table: str = "experiment-table") -> str:
+    """The results as Markdown tables; with `dest`, also written into that file between the
+    `<!-- {table}:start -->` and `<!-- {table}:end -->` markers (appended when it has none)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
     by: dict[str, dict[int, dict]] = {}
     for r in rows:
         by.setdefault(r["setting"], {})[r["seed"]] = r["metrics"]
     base = by.pop("baseline")[0]
     control = by.get("control", {})
-    lines = [f"| setting | {' | '.join(f'{d} {m}' for d, m in METRICS)} | ahead of control (acc1 / R@1) |",
+    lines = [f"| setting | {' | '.join(title for _, _, title in METRICS)} | ahead of control (acc1 / R@1) |",
              "|---|" + "---|" * (len(METRICS) + 1)]
-    lines.append("| baseline (input model) | " + " | ".join(f"{base[d][m]:.4f}" for d, m in METRICS) + " | |")
+    lines.append("| baseline (input model) | " + " | ".join(
+        f"{v:.4f}" if (v := _value(base, d, m)) is not None else "" for d, m, _ in METRICS) + " | |")
     for name, seeds in by.items():
         cells = []
-        for d, m in METRICS:
-            vals = [seeds[s][d][m] for s in sorted(seeds)]
+        for d, m, _ in METRICS:
+            vals = [v for s in sorted(seeds) if (v := _value(seeds[s], d, m)) is not None]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}")
+            cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}" if vals else "")
         wins = ""
         if name != "control":
             common = [s for s in seeds if s in control]
@@ -155,7 +219,7 @@ def report(out: Path, dest: Path | None, args: argparse.Namespace) -> str:
     text = "\n".join(lines + per_seed)
     if dest is not None:
         doc = dest.read_text() if dest.exists() else ""
-        start, end = "<!-- experiment-table:start -->", "<!-- experiment-table:end -->"
+        start, end = f"<!-- {table}:start -->", f"<!-- {table}:end -->"
         if start in doc and end in doc:
             doc = doc[: doc.index(start) + len(start)] + "\n" + text + "\n" + doc[doc.index(end):]
         else:
@@ -167,24 +231,32 @@ def report(out: Path, dest: Path | None, args: argparse.Namespace) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/experiment")
-    p.add_argument("--n-train", type=int, default=12_000)
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps, the same for every run")
+    p.add_argument("--n-train", type=int, default=8_000)
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny-rn16", help="the base model's architecture")
+    p.add_argument("--zeroshot-per-class", type=int, default=100, help="zero-shot test images per class (48 classes)")
+    p.add_argument("--pretrain-steps", type=int, default=1000)
+    p.add_argument("--pretrain-batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=500, help="fine-tuning steps, the same for every run")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--hard", type=int, nargs="+", default=[1, 3])
     p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3, 1.0])
+    p.add_argument("--margin", type=float, nargs="+", default=[0.0], help="helip.margin values (with gamma > 0)")
+    p.add_argument("--sample-from", type=int, default=50)
+    p.add_argument("--no-control", action="store_true", help="skip the control (already in results.jsonl)")
     p.add_argument("--no-dedupe", action="store_true")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--gen-workers", type=int, default=1, help="processes generating the world")
     p.add_argument("--report", type=Path, default=None, help="write the table into this Markdown file")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--results", type=Path, default=None, help="report this results file (default: OUT/results.jsonl)")
+    p.add_argument("--table", default="experiment-table", help="the report's marker name in --report")
     args = p.parse_args()
     if not args.report_only:
         run(args)
-    print(report(Path(args.out), args.report, args))
+    print(report(args.results or Path(args.out) / "results.jsonl", args.report, args.table))
 
 
 if __name__ == "__main__":
