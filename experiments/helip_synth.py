@@ -87,16 +87,30 @@ def attribute_scores(pred: list[int], labels: list[int], classnames: list[str]) 
 
 
 @torch.no_grad()
-def attribute_accuracy(loaded, world, access: Access, device: torch.device, workers: int) -> dict[str, float]:
-    """Zero-shot predictions on the 48 "<colour> <shape>" classes, scored per attribute: how often the
-    predicted class has the right colour, and how often the right shape (chance: 1/8 and 1/6)."""
-    items, _ = read_image_folder(str(world.zeroshot_root), access, param="zeroshot")
+def folder_features(loaded, root: Path | str, access: Access, device: torch.device,
+                    workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Normalised image features, labels and class folders of an ImageFolder, the model in eval mode
+    (BatchNorm in the ResNet towers must use its running statistics) and put back as it was."""
+    items, folders = read_image_folder(str(root), access, param="root")
     dataset = ImageListDataset([loc for loc, _ in items], [c for _, c in items], access, loaded.preprocess_val)
     loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=collate_images)
     training = loaded.model.training
-    loaded.model.eval()  # BatchNorm (the ResNet towers) must use its running statistics
+    loaded.model.eval()
     try:
         feats, labels = encode_images(loaded.model, loader, device)
+    finally:
+        loaded.model.train(training)
+    return feats, labels, folders
+
+
+@torch.no_grad()
+def attribute_accuracy(loaded, world, access: Access, device: torch.device, workers: int) -> dict[str, float]:
+    """Zero-shot predictions on the 48 "<colour> <shape>" classes, scored per attribute: how often the
+    predicted class has the right colour, and how often the right shape (chance: 1/8 and 1/6)."""
+    feats, labels, _ = folder_features(loaded, world.zeroshot_root, access, device, workers)
+    training = loaded.model.training
+    loaded.model.eval()
+    try:
         weights = zeroshot_classifier(loaded.model, loaded.tokenizer, world.classnames, world.templates, device)
     finally:
         loaded.model.train(training)

@@ -24,30 +24,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from core.data import ImageListDataset, collate_images, read_image_folder  # noqa: E402
-from core.evaluate import encode_images  # noqa: E402
 from core.io import Access  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.synth import SHAPES, load_world  # noqa: E402
-from helip_synth import MODELS, attribute_accuracy  # noqa: E402
-
-
-def _folder_features(loaded, root: Path, access: Access) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    items, folders = read_image_folder(str(root), access, param="root")
-    ds = ImageListDataset([loc for loc, _ in items], [c for _, c in items], access, loaded.preprocess_val)
-    feats, labels = encode_images(loaded.model, DataLoader(ds, batch_size=256, collate_fn=collate_images), "cpu")
-    return feats, labels, folders
+from helip_synth import MODELS, attribute_accuracy, folder_features  # noqa: E402
 
 
 def shape_probe(loaded, world, access: Access) -> float:
     """Multinomial logistic regression (L-BFGS, small L2) from frozen image features to the 6 shapes."""
-    xtr, ytr, folders = _folder_features(loaded, world.probe_train, access)
-    xte, yte, _ = _folder_features(loaded, world.probe_test, access)
+    cpu = torch.device("cpu")
+    xtr, ytr, folders = folder_features(loaded, world.probe_train, access, cpu)
+    xte, yte, _ = folder_features(loaded, world.probe_test, access, cpu)
     shape_of = torch.tensor([SHAPES.index(f.split("_")[1]) for f in folders])
     ytr, yte = shape_of[ytr], shape_of[yte]
     w = torch.zeros(xtr.shape[1], len(SHAPES), requires_grad=True)
