@@ -96,28 +96,29 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float]:
     return float(q[0]), float(q[2])
 
 
+def _proc_status_mib(field: str) -> float | None:
+    """A kB field of /proc/self/status (VmHWM, VmRSS) in MiB; None where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
     """This process's resident-set high-water mark, from /proc's VmHWM where there is one.
 
     Not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a fresh process started by a large
     parent (a long pytest session) reports the parent's peak until it grows past it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _proc_status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    rss = _proc_status_mib("VmRSS")
+    return rss if rss is not None else float("nan")
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> Path:

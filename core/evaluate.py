@@ -44,7 +44,7 @@ def _autocast(device: torch.device, precision: str) -> Iterator[None]:
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """model.eval() inside; afterwards every submodule gets back its own previous mode."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -269,7 +269,7 @@ def evaluate(model, preprocess, tokenizer, eval_spec: "EvalSpec", *, access: "Ac
     tasks += [ev.linear_probe_task(i, lp) for i, lp in enumerate(eval_spec.linear_probe)]
     ev.total = sum(t.size for t in tasks)
     results: dict[str, dict[str, float]] = {}
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for task in tasks:
             results[task.name] = task.run()
     return results

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.data import build_index  # noqa: E402
 from core.embed import embed_pairs  # noqa: E402
 from core.data import ImageListDataset, collate_images, read_image_folder  # noqa: E402
-from core.evaluate import encode_images, evaluate, zeroshot_classifier  # noqa: E402
+from core.evaluate import encode_images, eval_mode, evaluate, zeroshot_classifier  # noqa: E402
 from core.io import Access  # noqa: E402
 from core.mining import mine_exact  # noqa: E402
 from core.models import load_model  # noqa: E402
@@ -61,17 +61,18 @@ def _value(metrics: dict, dataset: str, metric: str) -> float | None:
 
 
 def settings_grid(hards: list[int], gammas: list[float], margins: list[float] = (0.0,),
-                  control: bool = True) -> list[dict]:
+                  control: bool = True, dedupe: bool = True) -> list[dict]:
     """The control first, then HELIP settings, the largest hard_per_target and middle gamma first: an
     experiment cut short still holds the main comparison on every seed. A setting's name carries its
-    margin when it is not 0 (gamma 0 makes the margin irrelevant: that setting is run once)."""
-    grid = [{"name": "control", "hard_per_target": 0, "gamma": 0.0, "margin": 0.0}] if control else []
+    margin when it is not 0 (gamma 0 makes the margin irrelevant: that setting is run once) and
+    "no-dedupe" when caption de-duplication is off (the control has no hard pairs to de-duplicate)."""
+    grid = [{"name": "control", "hard_per_target": 0, "gamma": 0.0, "margin": 0.0, "dedupe": True}] if control else []
     mid = sorted(gammas)[len(gammas) // 2]
     for h in sorted(hards, reverse=True):
         for g in [mid] + [g for g in gammas if g != mid]:
             for m in (margins if g > 0 else [0.0]):
-                name = f"helip h={h} gamma={g:g}" + (f" m={m:g}" if m else "")
-                grid.append({"name": name, "hard_per_target": h, "gamma": g, "margin": m})
+                name = f"helip h={h} gamma={g:g}" + (f" m={m:g}" if m else "") + ("" if dedupe else " no-dedupe")
+                grid.append({"name": name, "hard_per_target": h, "gamma": g, "margin": m, "dedupe": dedupe})
     return grid
 
 
@@ -89,17 +90,12 @@ def attribute_scores(pred: list[int], labels: list[int], classnames: list[str]) 
 @torch.no_grad()
 def folder_features(loaded, root: Path | str, access: Access, device: torch.device,
                     workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Normalised image features, labels and class folders of an ImageFolder, the model in eval mode
-    (BatchNorm in the ResNet towers must use its running statistics) and put back as it was."""
+    """Normalised image features, labels and class folders of an ImageFolder (call it in eval mode:
+    BatchNorm in the ResNet towers must use its running statistics)."""
     items, folders = read_image_folder(str(root), access, param="root")
     dataset = ImageListDataset([loc for loc, _ in items], [c for _, c in items], access, loaded.preprocess_val)
     loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=collate_images)
-    training = loaded.model.training
-    loaded.model.eval()
-    try:
-        feats, labels = encode_images(loaded.model, loader, device)
-    finally:
-        loaded.model.train(training)
+    feats, labels = encode_images(loaded.model, loader, device)
     return feats, labels, folders
 
 
@@ -107,13 +103,9 @@ def folder_features(loaded, root: Path | str, access: Access, device: torch.devi
 def attribute_accuracy(loaded, world, access: Access, device: torch.device, workers: int) -> dict[str, float]:
     """Zero-shot predictions on the 48 "<colour> <shape>" classes, scored per attribute: how often the
     predicted class has the right colour, and how often the right shape (chance: 1/8 and 1/6)."""
-    feats, labels, _ = folder_features(loaded, world.zeroshot_root, access, device, workers)
-    training = loaded.model.training
-    loaded.model.eval()
-    try:
+    with eval_mode(loaded.model):
+        feats, labels, _ = folder_features(loaded, world.zeroshot_root, access, device, workers)
         weights = zeroshot_classifier(loaded.model, loaded.tokenizer, world.classnames, world.templates, device)
-    finally:
-        loaded.model.train(training)
     pred = (feats @ weights).argmax(dim=1)
     return attribute_scores(pred.tolist(), labels.tolist(), list(world.classnames))
 
@@ -157,16 +149,17 @@ def run(args: argparse.Namespace) -> None:
         with results_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    if ("baseline", 0) not in done:
-        loaded = load_model(name, config=config, pretrained=str(base), device=device)
+    def evaluate_all(loaded) -> dict:
         res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, eval_spec, access=access, device=device,
                        workers=args.workers)
         res["shapes_by_attribute"] = attribute_accuracy(loaded, world, access, device, args.workers)
-        record({"setting": "baseline", "seed": 0, "metrics": res, "seconds": 0})
+        return res
 
-    for s in settings_grid(args.hard, args.gamma, args.margin, control=not args.no_control):
-        if args.no_dedupe and s["hard_per_target"] > 0:
-            s["name"] += " no-dedupe"
+    if ("baseline", 0) not in done:
+        loaded = load_model(name, config=config, pretrained=str(base), device=device)
+        record({"setting": "baseline", "seed": 0, "metrics": evaluate_all(loaded), "seconds": 0})
+
+    for s in settings_grid(args.hard, args.gamma, args.margin, control=not args.no_control, dedupe=not args.no_dedupe):
         for seed in args.seeds:
             if (s["name"], seed) in done:
                 continue
@@ -175,8 +168,7 @@ def run(args: argparse.Namespace) -> None:
                 "model": {"name": name, "config": config, "pretrained": str(base)},
                 "data": {"train": str(world.train_csv), "workers": args.workers},
                 "helip": {"hard_per_target": s["hard_per_target"], "gamma": s["gamma"], "margin": s["margin"],
-                          "sample_from": args.sample_from,
-                          "dedupe_captions": not args.no_dedupe},
+                          "sample_from": args.sample_from, "dedupe_captions": s["dedupe"]},
                 "train": {"batch_size": args.batch_size, "lr": args.lr, "warmup": 0.05, "seed": seed,
                           "checkpoint_every": 10**9, "log_every": 50},
             })
@@ -186,9 +178,7 @@ def run(args: argparse.Namespace) -> None:
             plan = RunPlan(s["name"].split()[0], s["hard_per_target"], args.steps, args.batch_size)
             train_run(plan, loaded=loaded, index=index, access=access, neighbors=neighbors, spec=spec,
                       workdir=workdir, reporter=rep, device=device, tokens=tokens)
-            res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, eval_spec, access=access,
-                           device=device, workers=args.workers)
-            res["shapes_by_attribute"] = attribute_accuracy(loaded, world, access, device, args.workers)
+            res = evaluate_all(loaded)
             record({"setting": s["name"], "seed": seed, "metrics": res, "seconds": time.time() - t1,
                     "sampler": rep.events[-1]["data"].get("sampler"), "final_loss": rep.steps[-1]})
             print(f"{s['name']:24s} seed {seed}: acc1 {res['shapes']['acc1']:.4f} "

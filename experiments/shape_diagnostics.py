@@ -28,6 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from core.evaluate import eval_mode  # noqa: E402
 from core.io import Access  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.synth import SHAPES, load_world  # noqa: E402
@@ -37,8 +38,9 @@ from helip_synth import MODELS, attribute_accuracy, folder_features  # noqa: E40
 def shape_probe(loaded, world, access: Access) -> float:
     """Multinomial logistic regression (L-BFGS, small L2) from frozen image features to the 6 shapes."""
     cpu = torch.device("cpu")
-    xtr, ytr, folders = folder_features(loaded, world.probe_train, access, cpu)
-    xte, yte, _ = folder_features(loaded, world.probe_test, access, cpu)
+    with eval_mode(loaded.model):
+        xtr, ytr, folders = folder_features(loaded, world.probe_train, access, cpu)
+        xte, yte, _ = folder_features(loaded, world.probe_test, access, cpu)
     shape_of = torch.tensor([SHAPES.index(f.split("_")[1]) for f in folders])
     ytr, yte = shape_of[ytr], shape_of[yte]
     w = torch.zeros(xtr.shape[1], len(SHAPES), requires_grad=True)

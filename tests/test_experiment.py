@@ -37,6 +37,11 @@ def test_grid_margins_named_and_gamma_zero_run_once(exp):
     assert [g["margin"] for g in grid] == [0.0, 0.2, 0.0]
 
 
+def test_grid_without_dedupe_names_helip_settings_only(exp):
+    grid = exp.settings_grid([3], [0.3], dedupe=False)
+    assert [(g["name"], g["dedupe"]) for g in grid] == [("control", True), ("helip h=3 gamma=0.3 no-dedupe", False)]
+
+
 def test_attribute_scores_by_hand(exp):
     classnames = ["red circle", "red star", "blue circle", "blue star"]
     # (pred, label): both right; colour right only; shape right only; neither
