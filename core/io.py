@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from core.braces import BracePattern, expand_braces  # noqa: F401 - expand_braces is part of this API
 from core.errors import DataError, HelipError, LocationError, StorageError
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ LOCAL_HANDLES = 64
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
 # S3 error codes that say "this object cannot be read by us", as opposed to a transient failure.
 _S3_MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound", "ResourceNotFound"}
 _S3_DENIED = {"AccessDenied", "AllAccessDisabled", "InvalidBucketName", "InvalidObjectName", "InvalidRange"}
@@ -80,7 +80,10 @@ def _split_prefix(text: str) -> tuple[str, str]:
             raise ValueError("file:// URLs may not name a host")
         if parts.query or parts.fragment or not parts.path.startswith("/"):
             raise ValueError("a file URL is written file:///absolute/path")
-        return "local", unquote(parts.path)
+        path = unquote(parts.path)
+        if "\x00" in path:  # %00: the decoded path would be cut short by the OS
+            raise ValueError("contains a NUL character")
+        return "local", path
     # pipe:, http(s):, ftp:, gs:, hf-hub: ... are never opened: no shell, no requests to arbitrary hosts.
     raise ValueError(f"the scheme '{scheme}:' is not supported (use a local path, file:/// or s3://)")
 
@@ -91,41 +94,52 @@ def _within(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/") or prefix == ""
 
 
+# A brace pattern whose directories cannot be told apart without expanding it (a group holding '/') is
+# checked item by item, and so may name at most this many locations.
+ITEMWISE_LIMIT = 10_000
+
+
 @dataclass(frozen=True)
 class Access:
-    # None: read anything local or s3 (the local CLI); else prefixes like "s3://bucket/", "/srv/datasets/"
+    """What a job may read: `allowed` prefixes (None: anything, for the local CLI) minus `denied` ones.
+
+    `denied` names the service's own state (database, broker, store, secrets, work directories): never
+    readable as job data, whatever `allowed` says. `denied_except` re-opens sub-trees of a denied prefix
+    (the data directory's `datasets/` folder inside the denied data directory).
+    """
+
     allowed: tuple[str, ...] | None = None
     s3: S3Config | None = None
+    denied: tuple[str, ...] = ()
+    denied_except: tuple[str, ...] = ()
     _local: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
     _s3: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
+    _deny_local: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
+    _deny_s3: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
+    _except_local: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
+    _except_s3: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
-        if self.allowed is None:
-            return
-        local: list[str] = []
-        remote: list[str] = []
-        for prefix in self.allowed:
-            try:
-                kind, value = _split_prefix(prefix)
-            except ValueError as exc:
-                raise LocationError(f"allowed data prefix {prefix!r}: {exc}", param="HELIP_ALLOWED_DATA") from None
-            if kind == "s3":
-                bucket, _, key = value.partition("/")
-                if not bucket or ".." in key.split("/"):
-                    raise LocationError(f"allowed data prefix {prefix!r} is not s3://bucket/prefix/",
-                                        param="HELIP_ALLOWED_DATA")
-                remote.append(bucket + "/" + key.rstrip("/"))
-            else:
-                # Resolve the allowed directory itself, so that a symlinked data root still matches.
-                local.append(os.path.realpath(os.path.expanduser(value)))
-        object.__setattr__(self, "allowed", tuple(self.allowed))
-        object.__setattr__(self, "_local", tuple(local))
-        object.__setattr__(self, "_s3", tuple(remote))
+        for name, values, param in (("allowed", self.allowed, "HELIP_ALLOWED_DATA"), ("denied", self.denied, None),
+                                    ("denied_except", self.denied_except, None)):
+            if values is None:
+                continue
+            local, remote = _normalise_prefixes(values, param)
+            object.__setattr__(self, name, tuple(values))
+            attr = {"allowed": ("_local", "_s3"), "denied": ("_deny_local", "_deny_s3"),
+                    "denied_except": ("_except_local", "_except_s3")}[name]
+            object.__setattr__(self, attr[0], local)
+            object.__setattr__(self, attr[1], remote)
+
+    @property
+    def restricted(self) -> bool:
+        return self.allowed is not None or bool(self.denied)
 
     def check(self, location: str, *, param: str | None) -> str:
         """The normalised location (absolute local path or s3://bucket/key), or LocationError naming `param`.
 
-        A brace pattern is checked item by item and returned as a pattern (local: made absolute, not resolved).
+        A brace pattern is returned as a pattern (local: made absolute, not resolved). It is checked without
+        expanding it: each directory it names once, and its last component for names that climb ('..').
         """
         if not isinstance(location, str) or not location.strip():
             raise LocationError("empty location", param=param)
@@ -134,14 +148,62 @@ class Access:
         except ValueError as exc:
             raise LocationError(f"{location!r}: {exc}", param=param) from None
         if "{" in value:
-            items = expand_braces(location, param=param)
-            if len(items) > 1 or items[0] != location:
-                for item in items:
-                    self.check(item, param=param)
-                return "s3://" + value if kind == "s3" else os.path.abspath(os.path.expanduser(value))
+            pattern = BracePattern(value, param=param)
+            if not (len(pattern) == 1 and pattern.first() == value):
+                self._check_pattern(location, kind, pattern, param)
+                return "s3://" + value if kind == "s3" else self._absolute(location, value, param)
         if kind == "s3":
             return self._check_s3(location, value, param)
         return self._check_local(location, value, param)
+
+    def _check_pattern(self, location: str, kind: str, pattern: BracePattern, param: str | None) -> None:
+        split = pattern.split_dir()
+        if split is not None:
+            dirs, last = split
+            if last.can_be_dot_name():
+                raise LocationError(f"{location!r}: a pattern may not name '.' or '..'", param=param)
+            if len(dirs) <= ITEMWISE_LIMIT and all(self._dir_ok(kind, d, last) for d in dirs.expand()):
+                return
+        # A group spans directories, or a directory is not wholly allowed: check every location it names.
+        if len(pattern) > ITEMWISE_LIMIT:
+            raise LocationError(f"{location!r}: a pattern whose brace groups span directories, or whose "
+                                f"directories are not wholly allowed, may name at most {ITEMWISE_LIMIT} "
+                                "locations", param=param)
+        for item in pattern.expand():
+            self.check("s3://" + item if kind == "s3" else item, param=param)
+
+    def _dir_ok(self, kind: str, directory: str, last: BracePattern) -> bool:
+        """Whether every name `last` can give is readable inside `directory` (False: check item by item)."""
+        if kind == "s3":
+            bucket, _, keydir = directory.partition("/")
+            if not _BUCKET.match(bucket) or ".." in keydir.split("/") or self.s3 is None:
+                return False
+            parent = f"{bucket}/{keydir}".rstrip("/")
+            probe = parent + "/\x00"  # any name inside `parent`
+            rules = (self._s3, self._deny_s3, self._except_s3)
+        else:
+            if not os.path.isabs(os.path.expanduser(directory or ".")) and self.restricted:
+                return False
+            parent = os.path.realpath(os.path.expanduser(directory or "."))
+            probe = parent.rstrip("/") + "/\x00"
+            rules = (self._local, self._deny_local, self._except_local)
+        allowed, denied, exempt = rules
+        if self.allowed is not None and not any(_within(probe, p) for p in allowed):
+            return False
+        # A denied prefix directly inside `parent` could be one of the names: check those item by item.
+        for d in denied:
+            if _within(probe, d) and not any(_within(probe, e) for e in exempt):
+                return False
+            if d.rstrip("/").rpartition("/")[0] == parent.rstrip("/"):
+                return False
+        return True
+
+    def _absolute(self, location: str, value: str, param: str | None) -> str:
+        path = os.path.expanduser(value)
+        if self.restricted and not os.path.isabs(path):
+            raise LocationError(f"{location!r}: the service only reads absolute paths (or file:/// or s3:// "
+                                "locations)", param=param)
+        return os.path.abspath(path)
 
     def _check_s3(self, location: str, value: str, param: str | None) -> str:
         bucket, _, key = value.partition("/")
@@ -151,97 +213,61 @@ class Access:
             raise LocationError(f"{location!r}: '..' is not allowed in an S3 key", param=param)
         if self.s3 is None:
             raise LocationError(f"{location!r}: no S3 server is configured (HELIP_S3_ENDPOINT_URL)", param=param)
-        if self.allowed is not None and not any(_within(f"{bucket}/{key}", p) for p in self._s3):
+        name = f"{bucket}/{key}"
+        if self.allowed is not None and not any(_within(name, p) for p in self._s3):
             raise LocationError(f"{location!r} is outside the allowed data prefixes", param=param)
+        if _denied(name, self._deny_s3, self._except_s3):
+            raise LocationError(f"{location!r} is the service's own storage, not job data", param=param)
         return f"s3://{bucket}/{key}"
 
     def _check_local(self, location: str, value: str, param: str | None) -> str:
-        path = os.path.abspath(os.path.expanduser(value))
-        if self.allowed is None:
+        path = self._absolute(location, value, param)
+        if not self.restricted:
             return path
         # realpath resolves `..` and every symlink, so a link pointing out of an allowed directory is caught.
         real = os.path.realpath(path)
-        if not self.local_allowed(real):
-            raise LocationError(f"{location!r} is outside the allowed data prefixes", param=param)
+        self._check_real(real, location, param)
         return real
 
+    def _check_real(self, real: str, location: str, param: str | None) -> None:
+        if _denied(real, self._deny_local, self._except_local):
+            raise LocationError(f"{location!r} is the service's own state, not job data", param=param)
+        if self.allowed is not None and not any(_within(real, p) for p in self._local):
+            raise LocationError(f"{location!r} is outside the allowed data prefixes", param=param)
+
     def local_allowed(self, real_path: str) -> bool:
-        """Whether an already resolved local path lies under an allowed local prefix."""
+        """Whether an already resolved local path lies under an allowed local prefix and under no denied one."""
+        if _denied(real_path, self._deny_local, self._except_local):
+            return False
         return self.allowed is None or any(_within(real_path, p) for p in self._local)
+
+
+def _normalise_prefixes(values: tuple[str, ...], param: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Prefixes as (resolved local paths, "bucket/key" S3 names)."""
+    local: list[str] = []
+    remote: list[str] = []
+    for prefix in values:
+        try:
+            kind, value = _split_prefix(prefix)
+        except ValueError as exc:
+            raise LocationError(f"data prefix {prefix!r}: {exc}", param=param) from None
+        if kind == "s3":
+            bucket, _, key = value.partition("/")
+            if not bucket or ".." in key.split("/"):
+                raise LocationError(f"data prefix {prefix!r} is not s3://bucket/prefix/", param=param)
+            remote.append(bucket + "/" + key.rstrip("/"))
+        else:
+            # Resolve the directory itself, so that a symlinked data root still matches.
+            local.append(os.path.realpath(os.path.expanduser(value)))
+    return tuple(local), tuple(remote)
+
+
+def _denied(name: str, denied: tuple[str, ...], exempt: tuple[str, ...]) -> bool:
+    return any(_within(name, d) for d in denied) and not any(_within(name, e) for e in exempt)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Location strings
-
-
-def expand_braces(pattern: str, *, limit: int = 1_000_000, param: str | None = None) -> list[str]:
-    """Expand "{00000..00331}" (zero padding kept), "{a,b}", "{0..10..2}" and several (nested) groups, in order.
-
-    A group that is neither a list nor a numeric range stays literal, as in bash. More than `limit`
-    results raise LocationError before anything is materialised.
-    """
-    start = pattern.find("{")
-    while start >= 0:
-        end, commas = _match_brace(pattern, start)
-        if end < 0:
-            return [pattern]  # unbalanced: literal
-        body = pattern[start + 1:end]
-        prefix, suffix = pattern[:start], pattern[end + 1:]
-        alts: list[str] | None = None
-        if commas:
-            alts = []
-            for part in _split_top(body, commas):
-                alts.extend(expand_braces(part, limit=limit, param=param))
-                if len(alts) > limit:
-                    break
-        else:
-            alts = _range(body, limit, param)
-        if alts is None:  # literal group: keep its braces, expand what is inside it and after it
-            inner = expand_braces(body, limit=limit, param=param)
-            alts = ["{" + x + "}" for x in inner]
-        tails = expand_braces(suffix, limit=limit, param=param)
-        if len(alts) * len(tails) > limit:
-            raise LocationError(f"the pattern {pattern!r} expands to more than {limit} locations", param=param)
-        return [prefix + a + t for a in alts for t in tails]
-    return [pattern]
-
-
-def _match_brace(text: str, start: int) -> tuple[int, list[int]]:
-    """Index of the brace closing text[start], and the positions of its top-level commas."""
-    depth, commas = 0, []
-    for i in range(start, len(text)):
-        c = text[i]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i, [p - start - 1 for p in commas]
-        elif c == "," and depth == 1:
-            commas.append(i)
-    return -1, []
-
-
-def _split_top(body: str, commas: list[int]) -> list[str]:
-    bounds = [-1, *commas, len(body)]
-    return [body[bounds[i] + 1:bounds[i + 1]] for i in range(len(bounds) - 1)]
-
-
-def _range(body: str, limit: int, param: str | None) -> list[str] | None:
-    m = _RANGE.match(body)
-    if not m:
-        return None
-    a, b, s = m.group(1), m.group(2), m.group(3)
-    lo, hi, step = int(a), int(b), abs(int(s)) if s else 1
-    step = step or 1
-    count = abs(hi - lo) // step + 1
-    if count > limit:
-        raise LocationError(f"the range {{{body}}} expands to more than {limit} locations", param=param)
-    # Zero padding as bash and braceexpand do: when either end is written with a leading zero.
-    padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (a, b))
-    width = max(len(a), len(b)) if padded else 0
-    values = range(lo, hi + 1, step) if hi >= lo else range(lo, hi - 1, -step)
-    return [f"{v:0{width}d}" if width else str(v) for v in values]
 
 
 def is_s3(location: str) -> bool:
@@ -408,6 +434,10 @@ class _S3Stream(io.RawIOBase):
 
 def _open_local_fd(path: str, access: Access, location: str, param: str | None) -> int:
     """Open a checked local path for reading; refuse non-regular files and re-check where the fd really points."""
+    if access.restricted:
+        # Resolve before opening: opening (and closing) a file can itself do harm, e.g. closing any descriptor
+        # of a SQLite database drops this process's locks on it. A name swapped in later is caught below.
+        access._check_real(os.path.realpath(path), location, param)
     try:
         # O_NONBLOCK: opening a FIFO must not hang; it is refused below as not a regular file.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -419,7 +449,7 @@ def _open_local_fd(path: str, access: Access, location: str, param: str | None) 
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise LocationError(f"{location}: not a regular file", param=param)
-        if access.allowed is not None and os.path.exists(f"/proc/self/fd/{fd}"):
+        if access.restricted and os.path.exists(f"/proc/self/fd/{fd}"):
             # A path component swapped for a symlink between the check and the open is caught here.
             if not access.local_allowed(os.readlink(f"/proc/self/fd/{fd}")):
                 raise LocationError(f"{location!r} is outside the allowed data prefixes", param=param)
@@ -483,7 +513,7 @@ _HANDLES = _HandleCache(LOCAL_HANDLES)
 def _single(location: str, access: Access, param: str | None) -> str:
     """Check a location that must name one object (a brace pattern that expands is refused)."""
     norm = access.check(location, param=param)
-    if "{" in norm and len(expand_braces(norm, param=param)) > 1:
+    if "{" in norm and len(BracePattern(norm, param=param)) > 1:
         raise LocationError(f"{location!r} names several objects; one was expected", param=param)
     return norm
 

@@ -210,8 +210,12 @@ def test_accepted_locations_are_normalised(tree, monkeypatch):
     assert access.check(f"file://{ok}", param="p") == ok
     assert access.check(f"file://localhost{ok}", param="p") == ok
     assert access.check(f"{tmp}/allowed/sub/../sub/ok.txt", param="p") == ok
+    # The service never reads a path relative to its own working directory (which holds its state),
+    # even when that directory is allowed; the local CLI (no restrictions) still may.
     monkeypatch.chdir(tmp / "allowed")
-    assert access.check("sub/ok.txt", param="p") == ok
+    with pytest.raises(LocationError, match="absolute"):
+        access.check("sub/ok.txt", param="p")
+    assert Access().check("sub/ok.txt", param="p") == ok
     assert access.check("s3://helip-data/ok/a/b.tar", param="p") == "s3://helip-data/ok/a/b.tar"
     assert access.check("s3://whole-bucket/any/key", param="p") == "s3://whole-bucket/any/key"
     pattern = "s3://helip-data/ok/{000..002}.tar"
@@ -457,3 +461,97 @@ def test_unreachable_s3_gives_storage_error(monkeypatch):
     with pytest.raises(StorageError):
         dio.read_bytes("s3://helip-data/x", access)
     assert time.time() - t0 < 10
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Brace patterns are sized before they are expanded, and checked without expanding them
+
+
+def test_brace_patterns_are_counted_not_expanded_and_nesting_is_bounded(monkeypatch):
+    from core import braces
+
+    expanded: list[str] = []
+    real = braces._expand
+    monkeypatch.setattr(braces, "_expand", lambda seq: (expanded.append("x"), real(seq))[1])
+    assert len(braces.BracePattern("s3://b/{000000..999999}.tar")) == 1_000_000 and not expanded
+    with pytest.raises(LocationError, match="more than"):
+        braces.BracePattern("{0..9}" * 7)
+    with pytest.raises(LocationError, match="more than"):
+        braces.BracePattern("{0..99999999999999999999999999}")  # larger than an index-sized integer
+    with pytest.raises(LocationError, match="nests braces deeper"):
+        braces.BracePattern("{a," * 9 + "b" + "}" * 9, param="data.train")
+    assert not expanded
+    assert braces.expand_braces("{a," * 8 + "b" + "}" * 8) == ["a"] * 8 + ["b"]
+    expanded.clear()
+    with pytest.raises(LocationError, match="too long"):
+        braces.BracePattern("{" + "0" * 300 + "..999999}")
+    assert not expanded
+
+
+@pytest.mark.parametrize("pattern, dots", [("{.,..}", True), (".{.,x}", True), ("{a,.}{.,}", True),
+                                           ("{0..9}", False), ("{.a,..b}", False), ("x{.,..}", False)])
+def test_a_last_component_that_can_climb_is_found_without_expanding(pattern, dots):
+    from core.braces import BracePattern
+
+    assert BracePattern(pattern).can_be_dot_name() is dots
+    assert (any(x in (".", "..") for x in BracePattern(pattern).expand())) is dots  # the slow reference
+
+
+def test_pattern_checks_equal_checking_every_location(tmp_path):
+    """Random patterns over a tree with allowed, denied and re-opened folders and links: the fast check (by
+    directory) accepts exactly the patterns whose every expansion the literal check accepts."""
+    import random
+
+    from core.braces import BracePattern
+
+    root = tmp_path / "srv"
+    for d in ("data/a", "data/b", "state/datasets", "state/store", "other"):
+        (root / d).mkdir(parents=True)
+    (root / "data" / "a" / "state.db").symlink_to(root / "state" / "db")
+    (root / "data" / "b" / "up").symlink_to(root / "state", target_is_directory=True)
+    access = Access(allowed=(str(root / "data"), str(root / "state")), denied=(str(root / "state"),),
+                    denied_except=(str(root / "state" / "datasets"),))
+    parts = ["data", "state", "other", "a", "b", "up", "datasets", "store", "..", ".", "db", "x.tar", "state.db"]
+    rng = random.Random(0)
+
+    def group() -> str:
+        return "{" + ",".join(rng.sample(parts, rng.randint(2, 3))) + "}"
+
+    checked = 0
+    for _ in range(400):
+        comps = [group() if rng.random() < 0.5 else rng.choice(parts) for _ in range(rng.randint(1, 4))]
+        pattern = str(root) + "/" + "/".join(comps)
+        items = BracePattern(pattern).expand()
+        if len(items) == 1:
+            continue
+
+        def ok(location: str) -> bool:
+            try:
+                access.check(location, param="p")
+                return True
+            except LocationError:
+                return False
+
+        assert ok(pattern) == all(ok(i) for i in items), pattern
+        checked += 1
+    assert checked > 200
+
+
+def test_service_state_is_denied_whatever_is_allowed(tmp_path, monkeypatch):
+    from helip.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k1\n")
+    s = Settings(_env_file=None, data_dir=tmp_path / "d", database_url=f"sqlite:///{tmp_path / 'elsewhere.db'}",
+                 storage_url=(tmp_path / "store").as_uri(), api_keys=str(keys), allowed_data=str(tmp_path))
+    access = s.access()
+    (tmp_path / "d" / "datasets").mkdir(parents=True)
+    (tmp_path / "d" / "datasets" / "ok.tsv").write_text("x")
+    for bad in ("elsewhere.db", "elsewhere.db-wal", "store/jobs/x.pt", "keys.txt", "d/helip.sqlite", "d/secret_key",
+                ".env", "d/work/job/x.pt", "d/datasets/../broker.sqlite"):
+        with pytest.raises(LocationError, match="service"):
+            access.check(str(tmp_path / bad), param="data.train")
+    assert access.check(str(tmp_path / "d" / "datasets" / "ok.tsv"), param="data.train")
+    # The embedded default allows the datasets folder only, never the data directory that holds the state.
+    assert Settings(_env_file=None, data_dir=tmp_path / "d").allowed_prefixes() == (str(tmp_path / "d" / "datasets"),)
