@@ -31,10 +31,10 @@ def prepare(data_dir: Path, *, n_train: int, pretrain_steps: int) -> tuple[Any, 
     from core.synth import generate_world
 
     t0 = time.perf_counter()
-    world = generate_world(data_dir / "world", n_train=n_train, n_retrieval=200, zeroshot_per_class=5,
+    world = generate_world(data_dir / "datasets" / "world", n_train=n_train, n_retrieval=200, zeroshot_per_class=5,
                            probe_per_class=(5, 5), image_size=32, seed=0, shards=2)
     t1 = time.perf_counter()
-    base = pretrain_base(world.train_csv, data_dir / "base" / "helip-tiny-vit.pt", steps=pretrain_steps,
+    base = pretrain_base(world.train_csv, data_dir / "datasets" / "models" / "helip-tiny-vit.pt", steps=pretrain_steps,
                          batch_size=128, lr=1e-3, seed=0)
     return world, base, {"world_s": t1 - t0, "pretrain_s": time.perf_counter() - t1}
 

@@ -47,12 +47,20 @@ class LoadedModel:
     pretrained: str | None
 
 
+# open_clip's own architectures, before any custom config is registered in this process.
+_BUILTIN_MODELS = frozenset(open_clip.list_models())
+
+
 def register_config(name: str, config: dict[str, Any], *, param: str = "model.config") -> None:
     """Register a custom open_clip model config under `name`, the way open_clip's own configs are found."""
     if not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):
         raise SpecError("a model config needs embed_dim, vision_cfg and text_cfg (open_clip's schema)", param=param)
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise SpecError("model.name must be letters, digits, '-', '_' or '.' to register a config", param="model.name")
+    if name in _BUILTIN_MODELS:
+        # Registering over a built-in would change that architecture for every later job in this process.
+        raise SpecError(f"'{name}' is a built-in open_clip architecture: give the custom config another name",
+                        param="model.name")
     _CONFIG_DIR.mkdir(parents=True, exist_ok=True)
     path = _CONFIG_DIR / f"{name}.json"
     text = json.dumps(config, sort_keys=True)
@@ -61,6 +69,11 @@ def register_config(name: str, config: dict[str, Any], *, param: str = "model.co
         tmp.write_text(text)
         tmp.replace(path)
     open_clip.add_model_config(path)
+
+
+def looks_like_tag(value: str) -> bool:
+    """Whether a pretrained value has the shape of an open_clip tag rather than a location."""
+    return not any(c in value for c in "./:~\\")
 
 
 def _is_tag(name: str, pretrained: str) -> bool:
@@ -107,8 +120,9 @@ def resolve_pretrained(name: str, pretrained: str | None, *, access: Access, cac
                 f"or s3:// URL in {param} ({type(exc).__name__})",
                 param=param,
             ) from None
-    looks_like_tag = "/" not in pretrained and "." not in pretrained and ":" not in pretrained
-    if looks_like_tag and not Path(pretrained).exists():
+    # A bare word is a tag (open_clip's tags have no '.', '/', ':' or '~'). The service never reads it as a file
+    # relative to its working directory, which holds its own state; the local CLI still may.
+    if looks_like_tag(pretrained) and (access.restricted or not Path(pretrained).exists()):
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise SpecError(
             f"'{pretrained}' is neither a pretrained tag of {name} (known: {', '.join(tags) or 'none'}) nor a file",

@@ -151,12 +151,13 @@ def run_demo(*, port: int, data_dir: Path) -> int:
 
     _say(f"helip demo: embedded database, broker and storage under {data_dir}")
     _say("1/4 synthetic world (cached after the first run)")
-    world = generate_world(data_dir / "world", **DEMO_WORLD)
+    # Under datasets/: the one folder of the data directory that jobs may read (the rest is service state).
+    world = generate_world(data_dir / "datasets" / "world", **DEMO_WORLD)
     _say(f"    {world.root}: {DEMO_WORLD['n_train']} training pairs, {len(world.classnames)} zero-shot classes")
     _say("2/4 base CLIP pretrained on it (cached after the first run)")
     t1 = time.time()
     with TerminalReporter() as bars:
-        base = pretrain_base(world.train_csv, data_dir / "base" / f"{DEMO_NAME}.pt", reporter=bars,
+        base = pretrain_base(world.train_csv, data_dir / "datasets" / "models" / f"{DEMO_NAME}.pt", reporter=bars,
                              **DEMO_PRETRAIN)
     _say(f"    {base} ({time.time() - t1:.0f}s)")
 

@@ -7,7 +7,7 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=600, ge=1)
     presign_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     queue_name: str = Field(default="celery", description="the Celery queue jobs are sent to")
+    location_check_seconds: float = Field(
+        default=10.0, gt=0, le=300,
+        description="time budget of POST /jobs for checking that a job's locations exist (503 past it)",
+    )
 
     @model_validator(mode="after")
     def _defaults_and_safety(self) -> "Settings":
@@ -72,7 +76,12 @@ class Settings(BaseSettings):
         if self.storage_url is None:
             self.storage_url = (self.data_dir / "store").as_uri()
         if self.allowed_data is None:
-            self.allowed_data = str(self.data_dir)
+            # Not the data directory itself: it holds the database, the store and the secrets.
+            self.allowed_data = str(self.datasets_dir)
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+                raise ValueError("HELIP_PUBLIC_URL must be an http(s)://host[:port][/path] URL")
         return self
 
     # -- derived values -------------------------------------------------------------------------------
@@ -96,6 +105,33 @@ class Settings(BaseSettings):
     def allowed_prefixes(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in str(self.allowed_data).split(",") if p.strip())
 
+    @property
+    def datasets_dir(self) -> Path:
+        """The one folder inside the data directory that jobs may read (the embedded default allowed data)."""
+        return self.data_dir / "datasets"
+
+    def service_state(self) -> tuple[str, ...]:
+        """Locations of the service's own state: never readable as job data, whatever HELIP_ALLOWED_DATA says.
+
+        The data directory (database, broker, store, secrets, work and kept directories, logs) except its
+        datasets/ folder; a database, broker or store configured elsewhere; the API key file; the .env file.
+        """
+        out = [str(self.data_dir)]
+        for url in (self.database_url, self.broker_url):
+            path = _sqlite_path(url)
+            if path is not None:  # SQLite keeps -wal, -shm and -journal files next to the database
+                out += [path, path + "-wal", path + "-shm", path + "-journal"]
+        store = urlsplit(str(self.storage_url))
+        if store.scheme == "file":
+            out.append(unquote(store.path))
+        elif store.scheme == "s3" and store.netloc:
+            out.append(f"s3://{store.netloc}/{store.path.strip('/')}")
+        raw = (self.api_keys or "").strip()
+        if raw and "," not in raw and Path(raw).expanduser().is_file():
+            out.append(str(Path(raw).expanduser().resolve()))
+        out.append(str(Path(".env").resolve()))
+        return tuple(out)
+
     def s3_config(self) -> "S3Config | None":
         """core.io.S3Config for the configured endpoint, or None when no S3 endpoint is set."""
         if not self.s3_endpoint_url:
@@ -112,7 +148,8 @@ class Settings(BaseSettings):
         """What submitted jobs may read: the allowed prefixes plus the S3 credentials."""
         from core.io import Access
 
-        return Access(allowed=self.allowed_prefixes(), s3=self.s3_config())
+        return Access(allowed=self.allowed_prefixes(), s3=self.s3_config(), denied=self.service_state(),
+                      denied_except=(str(self.datasets_dir),))
 
     def signing_secret(self) -> bytes:
         """HMAC key for file:// download links; in development generated once and kept in data_dir."""
@@ -131,6 +168,16 @@ class Settings(BaseSettings):
             finally:
                 tmp.unlink(missing_ok=True)
         return path.read_text().strip().encode()
+
+
+def _sqlite_path(url: str | None) -> str | None:
+    """The database file of a sqlite:/// (or sqla+sqlite:///) URL, resolved; None for other URLs."""
+    if not url or "sqlite:///" not in url:
+        return None
+    path = url.split("sqlite:///", 1)[1].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return os.path.realpath(path if path.startswith("/") else os.path.abspath(path))
 
 
 def split_endpoint(url: str) -> tuple[str, bool]:
