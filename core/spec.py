@@ -7,22 +7,108 @@ raises `SpecError` naming the field (dotted path, e.g. `train.batch_size`).
 
 from __future__ import annotations
 
+import math
 import random
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import SpecError
 
+# Bounds that no real job needs to exceed: they keep a hostile or mistyped value from holding a worker.
+MAX_STRING = 4096  # any string in the spec (locations, templates, names)
+MAX_NAME = 128  # data set names: they become metric keys and database values
+MAX_STEPS = 10_000_000
+MAX_BATCH = 1 << 20
+MAX_CONFIG_DEPTH = 6
+MAX_CONFIG_NODES = 2000
+MAX_CONFIG_PARAMS = 10_000_000_000  # an estimate of a custom model's parameters (the largest open_clip: 5B)
+
+
+def _check_value(value: Any, where: str = "") -> None:
+    """Refuse NUL characters and over-long strings anywhere in a field's value (lists and maps included)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where or 'value'} contains a NUL character")
+        if len(value) > MAX_STRING:
+            raise ValueError(f"{where or 'value'} is longer than {MAX_STRING} characters")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_value(v, f"{where}[{i}]" if where else f"item {i}")
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: NaN and Infinity are a 422 naming the field, never a training run with null losses.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _safe_values(cls, value: Any) -> Any:
+        _check_value(value)
+        return value
+
+
+def _dataset_name(value: str) -> str:
+    if not value or len(value) > MAX_NAME or any(c in value for c in "/\\") or not value.isprintable():
+        raise ValueError(f"a data set name is 1 to {MAX_NAME} printable characters without '/' or '\\'")
+    return value
+
+
+DatasetName = Annotated[str, AfterValidator(_dataset_name)]
+
+
+def check_model_config(config: dict[str, Any]) -> None:
+    """A custom open_clip config: JSON values only, finite, bounded in depth and size, and a model of a size that
+    a worker can hold (a rough parameter estimate: 12 x layers x width^2 per tower plus the token embedding)."""
+    nodes = 0
+
+    def walk(v: Any, path: str, depth: int) -> None:
+        nonlocal nodes
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            raise ValueError(f"model.config has more than {MAX_CONFIG_NODES} values")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ValueError(f"model.config is nested deeper than {MAX_CONFIG_DEPTH} levels (at {path})")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str) or not k or len(k) > MAX_NAME or "\x00" in k:
+                    raise ValueError(f"model.config has an invalid key at {path or 'the top'}")
+                walk(x, f"{path}.{k}" if path else k, depth + 1)
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{path}[{i}]", depth + 1)
+        elif isinstance(v, bool) or v is None:
+            pass
+        elif isinstance(v, (int, float)):
+            if not math.isfinite(v) or abs(v) > 1e7:
+                raise ValueError(f"model.config.{path} must be a finite number of magnitude at most 1e7")
+        elif isinstance(v, str):
+            _check_value(v, f"model.config.{path}")
+        else:
+            raise ValueError(f"model.config.{path} is not a JSON value")
+
+    walk(config, "", 0)
+    params = 0.0
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg = config.get(tower)
+        if not isinstance(cfg, dict):
+            continue
+        width, layers = cfg.get("width", 0), cfg.get("layers", 0)
+        layers = sum(x for x in layers if isinstance(x, (int, float))) if isinstance(layers, list) else layers
+        if isinstance(width, (int, float)) and isinstance(layers, (int, float)):
+            params += 12.0 * max(layers, 0) * float(width) ** 2
+            if tower == "text_cfg" and isinstance(cfg.get("vocab_size", 0), (int, float)):
+                params += float(cfg.get("vocab_size", 0)) * float(width)
+    if params > MAX_CONFIG_PARAMS:
+        raise ValueError(f"model.config describes a model of about {params:.2g} parameters; at most "
+                         f"{MAX_CONFIG_PARAMS:.0e} are accepted")
 
 
 class ModelSpec(_Strict):
-    name: str = Field(min_length=1, description="open_clip architecture name, e.g. ViT-B-32")
+    name: str = Field(min_length=1, max_length=MAX_NAME, description="open_clip architecture name, e.g. ViT-B-32")
     config: dict[str, Any] | None = Field(
         default=None,
         description="A custom open_clip model config (model_configs/*.json schema), registered as `name`.",
@@ -32,6 +118,21 @@ class ModelSpec(_Strict):
         description="An open_clip pretrained tag, a local checkpoint path, or s3://bucket/key. "
         "None means random initialisation (only sensible for tests).",
     )
+
+    @field_validator("name", mode="after")
+    @classmethod
+    def _architecture_name(cls, value: str) -> str:
+        if not re.fullmatch(r"hf-hub:[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][A-Za-z0-9._+\-]*", value):
+            raise ValueError("an open_clip architecture name is letters, digits, '.', '_', '+' and '-' "
+                             "(or hf-hub:org/name)")
+        return value
+
+    @field_validator("config", mode="after")
+    @classmethod
+    def _bounded_config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_model_config(value)
+        return value
 
 
 class DataSpec(_Strict):
@@ -43,7 +144,7 @@ class DataSpec(_Strict):
         default=0.01, ge=0.0, le=1.0,
         description="The job fails when more than this fraction of samples is corrupt or missing.",
     )
-    max_caption_chars: int = Field(default=10_000, ge=1, description="Longer captions count as bad samples.")
+    max_caption_chars: int = Field(default=10_000, ge=1, le=1_000_000, description="Longer captions count as bad samples.")
     workers: int = Field(default=2, ge=0, le=64, description="DataLoader worker processes.")
 
 
@@ -52,55 +153,55 @@ class MiningSpec(_Strict):
     encoder_pretrained: str | None = Field(default=None, description="weights for a separate miner")
     top_k: int = Field(default=50, ge=1, le=1000)
     method: Literal["exact", "fast"] = "exact"
-    candidates: int | None = Field(default=None, ge=1, description="fast: ANN candidates per query (default 4 x top_k)")
-    reference_size: int = Field(default=3_000_000, ge=1, description="fast: size of the reference subset")
+    candidates: int | None = Field(default=None, ge=1, le=100_000, description="fast: ANN candidates per query (default 4 x top_k)")
+    reference_size: int = Field(default=3_000_000, ge=1, le=10_000_000_000, description="fast: size of the reference subset")
     same_caption_threshold: float = Field(default=0.995, ge=-1.0, le=1.0)
     duplicate_threshold: float = Field(default=0.98, ge=-1.0, le=1.0)
     clamp_negative: bool = Field(default=True, description="clamp each cosine at 0 before the product")
-    block_size: int = Field(default=4096, ge=1)
-    recall_sample: int = Field(default=1000, ge=0, description="fast: queries checked against exact")
-    batch_size: int = Field(default=256, ge=1, description="embedding batch size")
+    block_size: int = Field(default=4096, ge=1, le=MAX_BATCH)
+    recall_sample: int = Field(default=1000, ge=0, le=1_000_000, description="fast: queries checked against exact")
+    batch_size: int = Field(default=256, ge=1, le=MAX_BATCH, description="embedding batch size")
 
 
 class HelipSpec(_Strict):
     hard_per_target: int = Field(default=3, ge=0, le=64)
-    sample_from: int = Field(default=50, ge=1)
-    gamma: float = Field(default=0.3, ge=0.0)
-    margin: float = 0.0
+    sample_from: int = Field(default=50, ge=1, le=1000)
+    gamma: float = Field(default=0.3, ge=0.0, le=1000.0)
+    margin: float = Field(default=0.0, ge=-2.0, le=2.0, description="a difference of cosines: within [-2, 2]")
     margin_symmetric: bool = False
     dedupe_captions: bool = True
 
 
 class TrainSpec(_Strict):
-    epochs: float = Field(default=2.0, gt=0.0)
-    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
-    batch_size: int = Field(default=256, ge=1, description="global batch (targets + hard pairs)")
-    accum_steps: int = Field(default=1, ge=1, description="gradient accumulation micro-steps per optimizer step")
-    lr: float = Field(default=1e-5, gt=0.0)
-    weight_decay: float = Field(default=0.1, ge=0.0)
+    epochs: float = Field(default=2.0, gt=0.0, le=10_000.0)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps")
+    batch_size: int = Field(default=256, ge=1, le=MAX_BATCH, description="global batch (targets + hard pairs)")
+    accum_steps: int = Field(default=1, ge=1, le=4096, description="gradient accumulation micro-steps per optimizer step")
+    lr: float = Field(default=1e-5, gt=0.0, le=10.0)
+    weight_decay: float = Field(default=0.1, ge=0.0, le=100.0)
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     beta2: float = Field(default=0.98, ge=0.0, lt=1.0)
-    eps: float = Field(default=1e-6, gt=0.0)
-    warmup: float = Field(default=0.03, ge=0.0, description="< 1: fraction of all steps; >= 1: steps")
-    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    eps: float = Field(default=1e-6, gt=0.0, le=1.0)
+    warmup: float = Field(default=0.03, ge=0.0, le=MAX_STEPS, description="< 1: fraction of all steps; >= 1: steps")
+    grad_clip: float | None = Field(default=1.0, gt=0.0, le=1e6)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    ssl_weight: float = Field(default=0.0, ge=0.0, description="SLIP-style SimCLR image-image term")
+    ssl_weight: float = Field(default=0.0, ge=0.0, le=1000.0, description="SLIP-style SimCLR image-image term")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="filled in when omitted")
-    checkpoint_every: int = Field(default=200, ge=1, description="optimizer steps between checkpoints")
-    devices: int | None = Field(default=None, ge=1, description="processes for DDP (default: all GPUs, 1 on CPU)")
+    checkpoint_every: int = Field(default=200, ge=1, le=MAX_STEPS, description="optimizer steps between checkpoints")
+    devices: int | None = Field(default=None, ge=1, le=64, description="processes for DDP (default: all GPUs, 1 on CPU)")
     compile: bool = Field(default=False, description="torch.compile the model (GPU)")
-    log_every: int = Field(default=10, ge=1)
+    log_every: int = Field(default=10, ge=1, le=MAX_STEPS)
 
 
 class ZeroShotSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: DatasetName
     root: str = Field(min_length=1, description="ImageFolder root: one folder per class")
-    classnames: list[str] | None = None
-    templates: list[str] = Field(default_factory=lambda: ["a photo of a {c}."], min_length=1)
+    classnames: list[str] | None = Field(default=None, max_length=100_000)
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {c}."], min_length=1, max_length=1000)
 
 
 class RetrievalSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: DatasetName
     data: str = Field(min_length=1, description="same formats as data.train")
     csv_img_key: str | None = None
     csv_caption_key: str | None = None
@@ -108,18 +209,18 @@ class RetrievalSpec(_Strict):
 
 
 class LinearProbeSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: DatasetName
     train: str = Field(min_length=1, description="ImageFolder root")
     test: str = Field(min_length=1, description="ImageFolder root")
-    epochs: int = Field(default=100, ge=1)
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    epochs: int = Field(default=100, ge=1, le=10_000)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=100.0)
 
 
 class EvalSpec(_Strict):
-    zeroshot: list[ZeroShotSpec] = Field(default_factory=list)
-    retrieval: list[RetrievalSpec] = Field(default_factory=list)
-    linear_probe: list[LinearProbeSpec] = Field(default_factory=list)
-    batch_size: int = Field(default=256, ge=1)
+    zeroshot: list[ZeroShotSpec] = Field(default_factory=list, max_length=32)
+    retrieval: list[RetrievalSpec] = Field(default_factory=list, max_length=32)
+    linear_probe: list[LinearProbeSpec] = Field(default_factory=list, max_length=32)
+    batch_size: int = Field(default=256, ge=1, le=65536)
 
 
 class JobSpec(_Strict):
@@ -245,4 +346,4 @@ def spec_locations(spec: JobSpec) -> list[tuple[str, str]]:
 
 def _looks_like_location(value: str) -> bool:
     """A pretrained value is a location (not an open_clip tag) when it has a scheme or a path separator."""
-    return "://" in value or "/" in value or value.startswith((".", "~")) or ":" in value
+    return any(c in value for c in "./:~\\")  # open_clip tags have none of these (checked in tests)
