@@ -70,7 +70,10 @@ def get_owner(request: Request, context: Annotated[ServiceContext, Depends(get_c
     owners = context.key_owners
     if not owners:
         return LOCAL_OWNER
-    auth = request.headers.get("authorization", "")
+    values = request.headers.getlist("authorization")
+    if len(values) > 1:  # the rate limiter refuses these first; never pick one of several credentials
+        raise ApiError(400, "duplicate_header", "send one Authorization header, not several", param="Authorization")
+    auth = values[0] if values else ""
     scheme, _, token = auth.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

@@ -28,5 +28,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     # Added last = runs first: refuse floods and oversized bodies before any work is done.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RateLimitMiddleware, rate_per_minute=settings.rate_limit_per_minute)
+    app.add_middleware(RateLimitMiddleware, rate_per_minute=settings.rate_limit_per_minute,
+                       api_keys=settings.api_key_list())
     return app

@@ -7,6 +7,7 @@ N processes a key gets up to N times the configured rate. Good enough to stop a 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import threading
@@ -96,28 +97,52 @@ class TokenBucket:
             return (1.0 - tokens) / self.rate
 
 
-def client_key(scope: Scope) -> str:
-    """Who is calling: the bearer token (hashed; never kept in clear) or, without one, the client address."""
-    auth = dict(scope["headers"]).get(b"authorization", b"")
-    if auth[:7].lower() == b"bearer " and auth[7:].strip():
-        return "key:" + hashlib.sha256(auth[7:].strip()).hexdigest()[:32]
+def authorization_headers(scope: Scope) -> list[bytes]:
+    return [v for k, v in scope["headers"] if k == b"authorization"]
+
+
+def client_key(scope: Scope, key_ids: dict[bytes, str]) -> str:
+    """Whom a request is counted against: the API key it proves (by the key's id, never the key in clear), else
+    the client address. An unknown or malformed token counts against the address, so inventing tokens buys
+    no fresh budget."""
+    auth = authorization_headers(scope)
+    if len(auth) == 1 and auth[0][:7].lower() == b"bearer ":
+        key_id = _match_key(auth[0][7:].strip(), key_ids)
+        if key_id is not None:
+            return "key:" + key_id
     client = scope.get("client")
     return "ip:" + (client[0] if client else "unknown")
 
 
+def _match_key(token: bytes, key_ids: dict[bytes, str]) -> str | None:
+    found = None
+    for key, key_id in key_ids.items():  # every key compared: the timing does not say which one matched
+        if hmac.compare_digest(key, token):
+            found = key_id
+    return found
+
+
 class RateLimitMiddleware:
-    def __init__(self, app: ASGIApp, rate_per_minute: int):
+    """Per-key token bucket (429 + Retry-After). Also refuses a request with several Authorization headers (400):
+    two credentials are ambiguous, and the limiter and authentication must never read different ones."""
+
+    def __init__(self, app: ASGIApp, rate_per_minute: int, api_keys: list[str] | tuple[str, ...] = ()):
         self.app = app
         self.bucket = TokenBucket(rate_per_minute)
+        self.key_ids = {k.encode(): hashlib.sha256(k.encode()).hexdigest()[:32] for k in api_keys}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
-        wait = self.bucket.take(client_key(scope))
+        wait = self.bucket.take(client_key(scope, self.key_ids))
         if wait > 0:
             retry = str(max(1, math.ceil(wait)))
             await _send_json(send, 429, error_body("rate_limited", f"too many requests; retry in {retry} s"),
                              {"Retry-After": retry})
+            return
+        if len(authorization_headers(scope)) > 1:
+            await _send_json(send, 400, error_body("duplicate_header", "send one Authorization header, not several",
+                                                   "Authorization"))
             return
         await self.app(scope, receive, send)

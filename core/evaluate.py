@@ -233,7 +233,9 @@ class _Evaluator:
         test_items, test_classes = read_image_folder(lp.test, self.access, param=p_test)
         unknown = sorted(set(test_classes) - set(train_classes))
         if unknown:
-            raise SpecError(f"test classes missing from the training folders: {unknown[:5]}", param=p_test)
+            # Counts only: folder names are directory contents, which an error message must not reveal.
+            raise SpecError(f"{len(unknown)} of the {len(test_classes)} test class folders have no training folder "
+                            "of the same name", param=p_test)
         # Folder indices of train and test differ when their class lists differ: map by name.
         to_train = torch.tensor([train_classes.index(c) for c in test_classes], dtype=torch.long)
 

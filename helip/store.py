@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import logging
 import shutil
@@ -17,10 +16,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from core.errors import StorageError
+
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -330,39 +332,41 @@ def store_from_settings(settings) -> Store:  # noqa: ANN001 - helip.settings.Set
                       retries=settings.store_retries, backoff=settings.store_backoff_seconds)
 
 
-# -- signed links for file:// stores (the API streams the file; the link works like a presigned URL) ------
+# -- download links for file:// stores (the API streams the file; the link works like a presigned URL) ------
+#
+# The token is Fernet (AES-CBC + HMAC-SHA256, from the `cryptography` package): authenticated *and*
+# encrypted, so a link says nothing about the job or file it names (a signed-only token, e.g. itsdangerous,
+# would carry the job id in readable base64). The expiry is inside the encrypted payload.
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+def _fernet(secret: bytes) -> "Fernet":
+    from cryptography.fernet import Fernet
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"helip download links").derive(secret)
+    return Fernet(base64.urlsafe_b64encode(key))
 
 
 def sign_key(secret: bytes, key: str, seconds: int, *, now: float | None = None) -> str:
-    """A token naming `key` that expires in `seconds`: base64(payload) + "." + HMAC-SHA256(payload)."""
+    """An opaque token naming `key` that expires in `seconds`."""
     payload = json.dumps({"k": _clean_key(key), "e": int((now if now is not None else time.time()) + seconds)},
                          separators=(",", ":")).encode()
-    mac = hmac.new(secret, payload, hashlib.sha256).digest()
-    return f"{_b64(payload)}.{_b64(mac)}"
+    return _fernet(secret).encrypt(payload).decode().rstrip("=")
 
 
 def verify_token(secret: bytes, token: str, *, now: float | None = None) -> str:
     """The key a token names; StorageError(code="invalid_token"/"expired_token") when forged or expired."""
+    from cryptography.fernet import InvalidToken
+
+    if len(token) > 4096:
+        raise StorageError("malformed download token", code="invalid_token")
     try:
-        p64, m64 = token.split(".", 1)
-        payload, mac = _unb64(p64), _unb64(m64)
-    except (ValueError, TypeError) as exc:
-        raise StorageError("malformed download token", code="invalid_token") from exc
-    if not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
-        raise StorageError("invalid download token", code="invalid_token")
-    try:
+        payload = _fernet(secret).decrypt(token + "=" * (-len(token) % 4))
         data = json.loads(payload)
         key, expires = str(data["k"]), int(data["e"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StorageError("malformed download token", code="invalid_token") from exc
+    except (InvalidToken, ValueError, KeyError, TypeError) as exc:
+        raise StorageError("invalid download token", code="invalid_token") from exc
     if (now if now is not None else time.time()) > expires:
         raise StorageError("download link expired", code="expired_token")
     return _clean_key(key)

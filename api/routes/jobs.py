@@ -76,7 +76,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
         if existing is not None:
             response.status_code = 200
             return _same_request(existing, request_hash)
-    check_locations(body, settings.access())
+    check_locations(body, settings.access(), budget_seconds=settings.location_check_seconds)
     spec = resolve_spec(JobCreate.model_validate(submitted))
     try:
         job = crud.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
