@@ -333,7 +333,7 @@ def test_health_and_readiness(client: TestClient, settings: Settings, data_dir: 
     with TestClient(create_app(down)) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-        assert r.json()["checks"]["database"] == "ok" and r.json()["checks"]["broker"].startswith("error")
+        assert r.json()["checks"] == {"database": "ok", "broker": "unreachable", "store": "ok"}
         # a job that cannot be queued is not left queued forever: 503 now, and the row says why
         r = c.post("/jobs", json=make_spec(data_dir), headers=auth("key-bob"))
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable"
@@ -374,8 +374,10 @@ def _env(**helip: str) -> dict[str, str]:
 
 def test_embedded_api_never_imports_torch(tmp_path: Path) -> None:
     """On embedded defaults (SQLite + SQLite broker + file store) a job is accepted with torch never loaded."""
-    (tmp_path / "train.tsv").write_text("filepath\ttitle\na.png\tx\n")
-    spec = {"model": {"name": "tiny"}, "data": {"train": str(tmp_path / "train.tsv")}, "train": {"batch_size": 8}}
+    (tmp_path / "datasets").mkdir()  # the embedded default allowed data: the data directory's datasets/ folder
+    (tmp_path / "datasets" / "train.tsv").write_text("filepath\ttitle\na.png\tx\n")
+    spec = {"model": {"name": "tiny"}, "data": {"train": str(tmp_path / "datasets" / "train.tsv")},
+            "train": {"batch_size": 8}}
     code = f"""
 import json, sys
 from fastapi.testclient import TestClient
@@ -440,4 +442,4 @@ def test_production_refuses_embedded_defaults(tmp_path: Path) -> None:
     assert Settings(_env_file=None, data_dir=tmp_path, api_keys=str(keys)).api_key_list() == ["alpha", "beta"]
     s = Settings(_env_file=None, data_dir=tmp_path)
     assert s.database_url == f"sqlite:///{tmp_path.resolve()}/helip.sqlite" and s.api_key_list() == []
-    assert s.storage_url == (tmp_path.resolve() / "store").as_uri() and s.allowed_prefixes() == (str(tmp_path.resolve()),)
+    assert s.storage_url == (tmp_path.resolve() / "store").as_uri() and s.allowed_prefixes() == (str(tmp_path.resolve() / "datasets"),)

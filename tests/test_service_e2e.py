@@ -307,8 +307,8 @@ def test_embedded_defaults_run_a_worker_without_servers(world, tmp_path: Path):
     from helip.settings import Settings
 
     data_dir = tmp_path / "helip"
-    train = data_dir / "train.tsv"
-    train.parent.mkdir()
+    train = data_dir / "datasets" / "train.tsv"  # the one folder of the data directory jobs may read
+    train.parent.mkdir(parents=True)
     train.write_text(world.train_csv.read_text())
     spec = job_spec(world, steps=2, checkpoint_every=1)
     spec["data"]["train"] = str(train)

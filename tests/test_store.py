@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import hashlib
 import logging
 import os
@@ -79,12 +81,16 @@ def test_signed_tokens_expire_and_cannot_be_forged() -> None:
     with pytest.raises(StorageError) as exc:
         verify_token(b"other-secret", token, now=1000.0)
     assert exc.value.code == "invalid_token"
-    payload, mac = token.split(".")
-    other = sign_key(secret, "jobs/job-2/hard_pairs.parquet", 60, now=1000.0).split(".")[0]
-    with pytest.raises(StorageError):  # someone else's key with this link's signature
-        verify_token(secret, f"{other}.{mac}", now=1000.0)
-    with pytest.raises(StorageError):
-        verify_token(secret, "garbage", now=1000.0)
+    # Opaque: nothing in the token, decoded at any offset, names the job or the file.
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert b"job-1" not in raw and b"hard_pairs" not in raw and "job-1" not in token
+    # Tampered, spliced with another link, truncated: all refused.
+    other = sign_key(secret, "jobs/job-2/hard_pairs.parquet", 60, now=1000.0)
+    flipped = token[:20] + ("A" if token[20] != "A" else "B") + token[21:]
+    for bad in (flipped, token[:40] + other[40:], token[:-4], "garbage", "", "x" * 5000):
+        with pytest.raises(StorageError) as exc:
+            verify_token(secret, bad, now=1000.0)
+        assert exc.value.code == "invalid_token"
 
 
 def test_retries_with_backoff_then_success(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
