@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 from fastapi import Request
 
 from helip.settings import Settings
-from helip.store import Store, sign_key
+from helip.links import sign_key
+from helip.store import Store
 
 
 def download_url(request: Request, settings: Settings, store: Store, key: str) -> tuple[str, datetime]:

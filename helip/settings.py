@@ -13,7 +13,8 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # core.io is imported lazily: settings must stay importable without the ML stack
-    from core.io import Access, S3Config
+    from core.io import Access
+    from core.s3 import S3Config
 
 
 class Settings(BaseSettings):
@@ -42,8 +43,12 @@ class Settings(BaseSettings):
         description="a queued job nobody claimed for this long is sent to the queue again (a broker that lost "
                     "its messages); the wait doubles after each re-send",
     )
-    store_retries: int = Field(default=4, ge=0, description="retries of a failed store call (backoff doubles)")
-    store_backoff_seconds: float = Field(default=0.5, ge=0, description="wait before the first store retry")
+    store_retries: int = Field(default=4, ge=0, le=20,
+                               description="retries of a failed S3 or store call, transient failures only "
+                                           "(dropped connections, timeouts, 5xx, SlowDown); the wait doubles")
+    store_backoff_seconds: float = Field(default=0.5, ge=0, le=60, description="wait before the first retry")
+    s3_read_timeout_seconds: float = Field(default=60.0, gt=0, le=3600,
+                                           description="longest wait for an S3 server's answer on one request")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     rate_limit_per_minute: int = Field(default=600, ge=1)
     presign_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
@@ -133,15 +138,15 @@ class Settings(BaseSettings):
         return tuple(out)
 
     def s3_config(self) -> "S3Config | None":
-        """core.io.S3Config for the configured endpoint, or None when no S3 endpoint is set."""
+        """core.s3.S3Config for the configured endpoint (one for job reads and the store), or None without one."""
         if not self.s3_endpoint_url:
             return None
-        from core.io import S3Config
+        from core.s3 import S3Config
 
-        endpoint, secure = split_endpoint(self.s3_endpoint_url)
         return S3Config(
-            endpoint=endpoint, access_key=self.s3_access_key or "", secret_key=self.s3_secret_key or "",
-            secure=secure, region=self.s3_region,
+            endpoint=self.s3_endpoint_url, access_key=self.s3_access_key or "", secret_key=self.s3_secret_key or "",
+            region=self.s3_region, attempts=self.store_retries + 1, backoff=self.store_backoff_seconds,
+            read_timeout=self.s3_read_timeout_seconds,
         )
 
     def access(self) -> "Access":
@@ -178,14 +183,6 @@ def _sqlite_path(url: str | None) -> str | None:
     if not path or path == ":memory:":
         return None
     return os.path.realpath(path if path.startswith("/") else os.path.abspath(path))
-
-
-def split_endpoint(url: str) -> tuple[str, bool]:
-    """`http://h:p` / `https://h:p` / `h:p` -> ("h:p", secure), the form the minio client wants."""
-    if "://" not in url:
-        return url.rstrip("/"), False
-    parts = urlsplit(url)
-    return parts.netloc, parts.scheme == "https"
 
 
 @lru_cache(maxsize=1)

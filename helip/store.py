@@ -1,4 +1,4 @@
-"""Job artifact storage by URL (`file:///path`, `s3://bucket/prefix`) with retries, and signed file:// links.
+"""Job artifact storage by URL (`file:///path`, `s3://bucket/prefix`), with core.s3's retry policy.
 
 Keys are relative POSIX paths (`jobs/<id>/checkpoints/helip_step200.pt`). Transient failures are retried
 with exponential backoff; a store that stays down, or a missing object, raises StorageError.
@@ -6,27 +6,24 @@ with exponential backoff; a store that stays down, or a missing object, raises S
 
 from __future__ import annotations
 
-import base64
+import errno
 import hashlib
-import json
 import logging
 import shutil
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
+from core import s3
 from core.errors import StorageError
-
-if TYPE_CHECKING:
-    from cryptography.fernet import Fernet
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CHUNK = 1024 * 1024
+_TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ETIMEDOUT, errno.EINTR})
 
 
 def job_key(job_id: str, *parts: str) -> str:
@@ -44,7 +41,7 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _clean_key(key: str) -> str:
+def clean_key(key: str) -> str:
     """Refuse keys that could escape the store root (`..`, absolute paths)."""
     parts = key.split("/")
     if not key or any(p in ("..", ".", "") for p in parts) or "\\" in key or "\x00" in key:
@@ -62,29 +59,33 @@ class Store(ABC):
         self.backoff = backoff
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        """Run `fn`, retrying transient errors with backoff 1x, 2x, 4x, ...; StorageError when it stays down."""
-        for attempt in range(self.retries + 1):
-            try:
-                return fn()
-            except StorageError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - transport errors vary by backend; all are retried
-                if attempt == self.retries:
-                    raise StorageError(f"{what} failed after {attempt + 1} attempts: {exc}") from exc
-                delay = self.backoff * (2**attempt)
-                log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        """Run `fn` under the retry policy (core.s3: tenacity, doubling waits). Only this backend's transient
+        failures are retried; the last one, or any other S3 answer, is a StorageError; anything else (a bug)
+        is raised as it is."""
+        try:
+            return s3.retrying(self.retries + 1, self.backoff, what=what, transient=self._transient)(fn)
+        except StorageError:
+            raise
+        except Exception as exc:
+            if self._transient(exc):
+                raise StorageError(f"{what} failed after {self.retries + 1} attempts: {s3.describe(exc)}") from exc
+            if s3.error_code(exc) is not None:
+                raise StorageError(f"{what} was refused by the store ({s3.describe(exc)})") from exc
+            raise
+
+    @staticmethod
+    def _transient(exc: BaseException) -> bool:
+        return s3.is_transient(exc)
 
     def put_file(self, key: str, path: Path | str) -> tuple[str, int]:
         """Upload a local file; returns (sha256 hex, size in bytes) of what was uploaded."""
         path = Path(path)
         digest, size = file_sha256(path)
-        self._retry(f"upload of {key}", lambda: self._put(_clean_key(key), path))
+        self._retry(f"upload of {key}", lambda: self._put(clean_key(key), path))
         return digest, size
 
     def put_bytes(self, key: str, data: bytes) -> tuple[str, int]:
-        self._retry(f"upload of {key}", lambda: self._put_bytes(_clean_key(key), data))
+        self._retry(f"upload of {key}", lambda: self._put_bytes(clean_key(key), data))
         return hashlib.sha256(data).hexdigest(), len(data)
 
     def get_file(self, key: str, dest: Path | str) -> Path:
@@ -94,7 +95,7 @@ class Store(ABC):
         tmp = dest.with_name(dest.name + ".part")
 
         def attempt() -> None:
-            self._get(_clean_key(key), tmp)
+            self._get(clean_key(key), tmp)
             tmp.replace(dest)
 
         try:
@@ -104,14 +105,14 @@ class Store(ABC):
         return dest
 
     def get_bytes(self, key: str) -> bytes:
-        return self._retry(f"download of {key}", lambda: self._get_bytes(_clean_key(key)))
+        return self._retry(f"download of {key}", lambda: self._get_bytes(clean_key(key)))
 
     def exists(self, key: str) -> bool:
-        return self._retry(f"stat of {key}", lambda: self._exists(_clean_key(key)))
+        return self._retry(f"stat of {key}", lambda: self._exists(clean_key(key)))
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under `prefix` (a key prefix ending in '/'); returns how many."""
-        return self._retry(f"delete of {prefix}", lambda: self._delete_prefix(_clean_key(prefix.rstrip("/")) + "/"))
+        return self._retry(f"delete of {prefix}", lambda: self._delete_prefix(clean_key(prefix.rstrip("/")) + "/"))
 
     def presigned_get(self, key: str, seconds: int) -> str | None:
         """A URL anyone can GET for `seconds`; None for stores the API serves itself (file://)."""
@@ -123,8 +124,10 @@ class Store(ABC):
             self._ping()
         except StorageError:
             raise
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"store {self.url} unreachable: {exc}") from exc
+        except Exception as exc:
+            if self._transient(exc) or s3.error_code(exc) is not None:
+                raise StorageError(f"store {self.url} unreachable: {s3.describe(exc)}") from exc
+            raise
 
     def local_path(self, key: str) -> Path | None:
         """The file behind `key` when the store is a local directory, else None."""
@@ -156,13 +159,19 @@ class Store(ABC):
 class FileStore(Store):
     """A directory on a local (or shared network) file system."""
 
+    @staticmethod
+    def _transient(exc: BaseException) -> bool:
+        # A network file system that hiccups; a missing file or a refused permission is not transient.
+        return isinstance(exc, (ConnectionError, TimeoutError)) or (
+            isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS)
+
     def __init__(self, root: Path | str, **kw: float):
         super().__init__(**kw)
         self.root = Path(root)
         self.url = self.root.as_uri() if self.root.is_absolute() else f"file://{self.root}"
 
     def local_path(self, key: str) -> Path:
-        return self.root / _clean_key(key)
+        return self.root / clean_key(key)
 
     def _put(self, key: str, path: Path) -> None:
         dest = self.local_path(key)
@@ -211,29 +220,23 @@ class S3Store(Store):
     """A bucket (and key prefix) on an S3-compatible server, through the minio client."""
 
     def __init__(self, bucket: str, prefix: str, *, endpoint: str, access_key: str | None, secret_key: str | None,
-                 secure: bool = False, region: str | None = None, timeout: float = 10.0, **kw: float):
+                 secure: bool = False, region: str | None = None, timeout: float = 60.0, **kw: float):
         super().__init__(**kw)
-        import urllib3
-        from minio import Minio
-
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        # No retries inside urllib3: Store._retry owns the policy, so a down endpoint fails in bounded time.
-        http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout),
-            retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0),
-            maxsize=8,
-        )
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
-                            region=region, http_client=http)
+        # The one client factory (core.s3): no urllib3 retries (ours are above), no redirects, bounded timeouts.
+        cfg = s3.S3Config(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
+                          attempts=self.retries + 1, backoff=self.backoff, connect_timeout=min(timeout, 5.0),
+                          read_timeout=timeout)
+        self.client = s3.s3_client(cfg)
 
     def _name(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     @staticmethod
     def _missing(exc: Exception) -> bool:
-        return getattr(exc, "code", None) in ("NoSuchKey", "NoSuchBucket", "NoSuchObject")
+        return s3.error_code(exc) in s3.MISSING
 
     def _put(self, key: str, path: Path) -> None:
         self.client.fput_object(self.bucket, self._name(key), str(path))
@@ -261,16 +264,14 @@ class S3Store(Store):
                 for chunk in resp.stream(CHUNK):
                     f.write(chunk)
         finally:
-            resp.close()
-            resp.release_conn()
+            s3.close_response(resp)
 
     def _get_bytes(self, key: str) -> bytes:
         resp = self._open(key)
         try:
             return resp.read()
         finally:
-            resp.close()
-            resp.release_conn()
+            s3.close_response(resp)
 
     def _exists(self, key: str) -> bool:
         from minio.error import S3Error
@@ -279,7 +280,7 @@ class S3Store(Store):
             self.client.stat_object(self.bucket, self._name(key))
             return True
         except S3Error as exc:
-            if self._missing(exc) or exc.code in ("NotFound", "ResourceNotFound"):
+            if self._missing(exc):
                 return False
             raise
 
@@ -295,7 +296,7 @@ class S3Store(Store):
         return len(names)
 
     def presigned_get(self, key: str, seconds: int) -> str:
-        return self.client.presigned_get_object(self.bucket, self._name(_clean_key(key)), expires=timedelta(seconds=seconds))
+        return self.client.presigned_get_object(self.bucket, self._name(clean_key(key)), expires=timedelta(seconds=seconds))
 
     def _ping(self) -> None:
         if not self.client.bucket_exists(self.bucket):
@@ -304,7 +305,7 @@ class S3Store(Store):
 
 def open_store(url: str, *, s3_endpoint: str | None = None, s3_access_key: str | None = None,
                s3_secret_key: str | None = None, s3_secure: bool = False, s3_region: str | None = None,
-               retries: int = 4, backoff: float = 0.5, timeout: float = 10.0) -> Store:
+               retries: int = 4, backoff: float = 0.5, timeout: float = 60.0) -> Store:
     """The store for `url`: `file:///abs/path` or `s3://bucket/prefix` (needs the S3 endpoint)."""
     parts = urlsplit(url)
     if parts.scheme == "file":
@@ -324,49 +325,9 @@ def open_store(url: str, *, s3_endpoint: str | None = None, s3_access_key: str |
 
 def store_from_settings(settings) -> Store:  # noqa: ANN001 - helip.settings.Settings (kept import-light)
     """The store the settings name (HELIP_STORAGE_URL + the S3 endpoint and keys)."""
-    from helip.settings import split_endpoint
-
-    endpoint, secure = split_endpoint(settings.s3_endpoint_url) if settings.s3_endpoint_url else (None, False)
-    return open_store(str(settings.storage_url), s3_endpoint=endpoint, s3_access_key=settings.s3_access_key,
-                      s3_secret_key=settings.s3_secret_key, s3_secure=secure, s3_region=settings.s3_region,
-                      retries=settings.store_retries, backoff=settings.store_backoff_seconds)
-
-
-# -- download links for file:// stores (the API streams the file; the link works like a presigned URL) ------
-#
-# The token is Fernet (AES-CBC + HMAC-SHA256, from the `cryptography` package): authenticated *and*
-# encrypted, so a link says nothing about the job or file it names (a signed-only token, e.g. itsdangerous,
-# would carry the job id in readable base64). The expiry is inside the encrypted payload.
-
-
-def _fernet(secret: bytes) -> "Fernet":
-    from cryptography.fernet import Fernet
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"helip download links").derive(secret)
-    return Fernet(base64.urlsafe_b64encode(key))
-
-
-def sign_key(secret: bytes, key: str, seconds: int, *, now: float | None = None) -> str:
-    """An opaque token naming `key` that expires in `seconds`."""
-    payload = json.dumps({"k": _clean_key(key), "e": int((now if now is not None else time.time()) + seconds)},
-                         separators=(",", ":")).encode()
-    return _fernet(secret).encrypt(payload).decode().rstrip("=")
-
-
-def verify_token(secret: bytes, token: str, *, now: float | None = None) -> str:
-    """The key a token names; StorageError(code="invalid_token"/"expired_token") when forged or expired."""
-    from cryptography.fernet import InvalidToken
-
-    if len(token) > 4096:
-        raise StorageError("malformed download token", code="invalid_token")
-    try:
-        payload = _fernet(secret).decrypt(token + "=" * (-len(token) % 4))
-        data = json.loads(payload)
-        key, expires = str(data["k"]), int(data["e"])
-    except (InvalidToken, ValueError, KeyError, TypeError) as exc:
-        raise StorageError("invalid download token", code="invalid_token") from exc
-    if (now if now is not None else time.time()) > expires:
-        raise StorageError("download link expired", code="expired_token")
-    return _clean_key(key)
+    cfg = settings.s3_config()
+    return open_store(str(settings.storage_url), s3_endpoint=cfg.host if cfg else None,
+                      s3_access_key=settings.s3_access_key, s3_secret_key=settings.s3_secret_key,
+                      s3_secure=cfg.secure if cfg else False, s3_region=settings.s3_region,
+                      retries=settings.store_retries, backoff=settings.store_backoff_seconds,
+                      timeout=settings.s3_read_timeout_seconds)

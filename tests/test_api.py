@@ -304,7 +304,7 @@ def test_metrics_events_checkpoints_hard_pairs(client: TestClient, settings: Set
 
 
 def test_expired_file_link_is_refused(settings: Settings, client: TestClient) -> None:
-    from helip.store import sign_key
+    from helip.links import sign_key
 
     token = sign_key(settings.signing_secret(), "jobs/x/y.pt", 60, now=time.time() - 120)
     r = client.get(f"/files/{token}")

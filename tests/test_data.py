@@ -145,10 +145,12 @@ def test_jpeg_member_decodes_like_pil(tmp_path):
 
 
 def test_local_shard_is_opened_once_for_many_reads(pairs, monkeypatch):
-    dio._HANDLES.clear()
+    from core.io import local
+
+    local.HANDLES.clear()
     opened = []
-    real = dio._open_local_fd
-    monkeypatch.setattr(dio, "_open_local_fd", lambda p, *a: opened.append(p) or real(p, *a))
+    real = local.open_local_fd
+    monkeypatch.setattr(local, "open_local_fd", lambda p, *a: opened.append(p) or real(p, *a))
     index = build_index(f"{pairs}/wds/{{00000..00001}}.tar", access=Access())
     opened.clear()
     for _ in range(3):

@@ -535,7 +535,8 @@ def test_unsafe_checkpoints_are_refused_in_process(tmp_path: Path) -> None:
 
 def test_another_keys_job_is_404_everywhere_and_links_do_not_transfer(client: TestClient, settings: Settings,
                                                                      tree: dict[str, Path], tmp_path: Path) -> None:
-    from helip.store import FileStore, sign_key
+    from helip.links import sign_key
+    from helip.store import FileStore
 
     job_id = client.post("/jobs", json=base_spec(tree["allowed"]), headers=auth(KEYS[0])).json()["id"]
     store = FileStore(Path(settings.storage_url.removeprefix("file://")))

@@ -18,6 +18,7 @@ import torch
 from core import io as dio
 from core.errors import DataError, LocationError, StorageError
 from core.io import Access, S3Config, expand_braces
+from core.io.local import open_local_fd
 
 torch.set_num_threads(1)
 
@@ -245,8 +246,8 @@ def test_open_time_recheck_of_the_real_fd(tree):
     tmp, access = tree
     # Even if a path reaches the open unresolved (the race window), the fd's real path is checked.
     with pytest.raises(LocationError):
-        dio._open_local_fd(str(tmp / "allowed" / "link"), access, "x", "p")
-    fd = dio._open_local_fd(str(tmp / "allowed" / "sub" / "ok.txt"), access, "x", "p")
+        open_local_fd(str(tmp / "allowed" / "link"), access, "x", "p")
+    fd = open_local_fd(str(tmp / "allowed" / "sub" / "ok.txt"), access, "x", "p")
     os.close(fd)
 
 
@@ -376,18 +377,19 @@ class _FakeS3:
 @pytest.fixture()
 def fake_s3(monkeypatch):
     fake = _FakeS3({"d/blob": bytes(range(256)) * 40})
-    monkeypatch.setattr(dio, "s3_client", lambda cfg: fake)
-    monkeypatch.setattr(dio, "S3_BACKOFF", 0.0)
-    return fake, Access(allowed=("s3://helip-data/",), s3=S3Config("127.0.0.1:1"))
+    from core import s3
+
+    monkeypatch.setattr(s3, "s3_client", lambda cfg: fake)
+    return fake, Access(allowed=("s3://helip-data/",), s3=S3Config("127.0.0.1:1", attempts=4, backoff=0.0))
 
 
 def test_s3_transient_errors_are_retried(fake_s3):
     fake, access = fake_s3
     blob = fake.objects["d/blob"]
-    fake.failures = dio.S3_ATTEMPTS - 1
+    fake.failures = access.s3.attempts - 1
     assert dio.read_range("s3://helip-data/d/blob", 100, 50, access) == blob[100:150]
-    assert len(fake.calls) == dio.S3_ATTEMPTS
-    fake.failures = dio.S3_ATTEMPTS
+    assert len(fake.calls) == access.s3.attempts
+    fake.failures = access.s3.attempts
     with pytest.raises(StorageError):
         dio.read_bytes("s3://helip-data/d/blob", access)
     with pytest.raises(LocationError) as e:
@@ -445,18 +447,16 @@ def test_real_s3_reads(weed_s3):
         dio.read_bytes("s3://other-data/secret.txt", access)
 
 
-def test_real_s3_wrong_credentials(weed_s3, monkeypatch):
-    monkeypatch.setattr(dio, "S3_BACKOFF", 0.0)
-    bad = Access(s3=S3Config(weed_s3.endpoint, access_key=S3_KEY, secret_key="wrong-secret"))
+def test_real_s3_wrong_credentials(weed_s3):
+    bad = Access(s3=S3Config(weed_s3.endpoint, access_key=S3_KEY, secret_key="wrong-secret", backoff=0.0))
     _put(weed_s3, "s3://helip-data/ok/c.txt", b"c")
     with pytest.raises(StorageError):
         dio.read_bytes("s3://helip-data/ok/c.txt", bad)
 
 
-def test_unreachable_s3_gives_storage_error(monkeypatch):
-    monkeypatch.setattr(dio, "S3_BACKOFF", 0.0)
+def test_unreachable_s3_gives_storage_error():
     port = _free_ports(1)[0]  # nothing listens here
-    access = Access(s3=S3Config(f"127.0.0.1:{port}", access_key="k", secret_key="s", region="us-east-1"))
+    access = Access(s3=S3Config(f"127.0.0.1:{port}", access_key="k", secret_key="s", region="us-east-1", backoff=0.0))
     t0 = time.time()
     with pytest.raises(StorageError):
         dio.read_bytes("s3://helip-data/x", access)
@@ -555,3 +555,28 @@ def test_service_state_is_denied_whatever_is_allowed(tmp_path, monkeypatch):
     assert access.check(str(tmp_path / "d" / "datasets" / "ok.tsv"), param="data.train")
     # The embedded default allows the datasets folder only, never the data directory that holds the state.
     assert Settings(_env_file=None, data_dir=tmp_path / "d").allowed_prefixes() == (str(tmp_path / "d" / "datasets"),)
+
+
+def test_only_named_transient_failures_are_retried_and_a_bug_is_not_a_storage_error(fake_s3, monkeypatch):
+    from core import s3
+
+    fake, access = fake_s3
+    calls = []
+
+    def buggy(*a, **k):
+        calls.append(1)
+        raise TypeError("a bug in our code")
+
+    monkeypatch.setattr(fake, "get_object", buggy)
+    with pytest.raises(TypeError):  # raised once, as itself: never retried, never "storage unavailable"
+        dio.read_bytes("s3://helip-data/d/blob", access)
+    assert len(calls) == 1
+    from minio.error import S3Error
+
+    for exc, transient in ((S3Error(None, "SlowDown", "m", "k", "r", "h"), True),
+                           (S3Error(None, "InternalError", "m", "k", "r", "h"), True),
+                           (S3Error(None, "NoSuchKey", "m", "k", "r", "h"), False),
+                           (S3Error(None, "AccessDenied", "m", "k", "r", "h"), False),
+                           (ConnectionResetError(), True), (TimeoutError(), True), (ValueError(), False),
+                           (KeyError("x"), False)):
+        assert s3.is_transient(exc) is transient, exc

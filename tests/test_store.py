@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from core.errors import StorageError
-from helip.store import FileStore, S3Store, open_store, sign_key, verify_token
+from helip.links import sign_key, verify_token
+from helip.store import FileStore, S3Store, open_store
 
 
 def _payload(tmp_path: Path, size: int = 300_000) -> tuple[Path, bytes]:
@@ -106,12 +107,12 @@ def test_retries_with_backoff_then_success(tmp_path: Path, caplog: pytest.LogCap
     store = Flaky(tmp_path / "store", retries=3, backoff=0.05)
     src, data = _payload(tmp_path, 1000)
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="helip.store"):
+    with caplog.at_level(logging.WARNING, logger="core.s3"):
         sha, _ = store.put_file("k/v.bin", src)
     elapsed = time.monotonic() - t0
     assert Flaky.calls == 3 and sha == hashlib.sha256(data).hexdigest()
     assert elapsed >= 0.05 + 0.10 - 0.01  # backoff 1x then 2x
-    assert sum("retrying" in r.message for r in caplog.records) == 2
+    assert sum("retry" in r.message for r in caplog.records) == 2
 
 
 def test_s3_down_raises_storage_error_after_retries(tmp_path: Path) -> None:

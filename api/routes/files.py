@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from api.deps import SettingsDep, StoreDep
 from api.errors import ApiError, not_found
 from core.errors import StorageError
-from helip.store import verify_token
+from helip.links import verify_token
 
 router = APIRouter(tags=["files"])
 
