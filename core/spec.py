@@ -346,4 +346,6 @@ def spec_locations(spec: JobSpec) -> list[tuple[str, str]]:
 
 def _looks_like_location(value: str) -> bool:
     """A pretrained value is a location (not an open_clip tag) when it has a scheme or a path separator."""
+    if value.startswith("hf-hub:"):  # a hub repository, not a location: the API's model check decides
+        return False
     return any(c in value for c in "./:~\\")  # open_clip tags have none of these (checked in tests)

@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=600, ge=1)
     presign_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     queue_name: str = Field(default="celery", description="the Celery queue jobs are sent to")
+    hub_offline: bool = Field(
+        default=True,
+        description="never contact the Hugging Face hub (open_clip tags and hf-hub: models must be cached); set "
+                    "false on a machine with internet access to let workers download weights into weights_cache",
+    )
+    allowed_models: str | None = Field(
+        default=None,
+        description="comma-separated hf-hub: prefixes jobs may name as model or pretrained (e.g. "
+                    "'hf-hub:timm/,hf-hub:apple/'); none by default",
+    )
     location_check_seconds: float = Field(
         default=10.0, gt=0, le=300,
         description="time budget of POST /jobs for checking that a job's locations exist (503 past it)",
@@ -106,6 +116,14 @@ class Settings(BaseSettings):
             lines = path.read_text().splitlines()
             return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         return [k.strip() for k in raw.split(",") if k.strip()]
+
+    def allowed_model_prefixes(self) -> tuple[str, ...]:
+        """hf-hub: prefixes jobs may use; each must start with 'hf-hub:' and name an organisation."""
+        out = tuple(p.strip() for p in (self.allowed_models or "").split(",") if p.strip())
+        for p in out:
+            if not p.startswith("hf-hub:") or len(p) <= len("hf-hub:"):
+                raise ValueError(f"HELIP_ALLOWED_MODELS: {p!r} is not an hf-hub: prefix (e.g. hf-hub:timm/)")
+        return out
 
     def allowed_prefixes(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in str(self.allowed_data).split(",") if p.strip())

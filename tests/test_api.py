@@ -376,7 +376,8 @@ def test_embedded_api_never_imports_torch(tmp_path: Path) -> None:
     """On embedded defaults (SQLite + SQLite broker + file store) a job is accepted with torch never loaded."""
     (tmp_path / "datasets").mkdir()  # the embedded default allowed data: the data directory's datasets/ folder
     (tmp_path / "datasets" / "train.tsv").write_text("filepath\ttitle\na.png\tx\n")
-    spec = {"model": {"name": "tiny"}, "data": {"train": str(tmp_path / "datasets" / "train.tsv")},
+    spec = {"model": {"name": "ViT-B-32", "pretrained": "openai"},  # checked against the registry snapshot
+            "data": {"train": str(tmp_path / "datasets" / "train.tsv")},
             "train": {"batch_size": 8}}
     code = f"""
 import json, sys

@@ -19,7 +19,7 @@ from api.schemas import (
     CheckpointPublic, CheckpointsPage, ErrorResponse, EventPublic, EventsPage, HardPairsPublic, JobCreate, JobPublic, JobsPage,
     MetricsPage, StepPublic,
 )
-from api.validation import check_locations
+from api.validation import check_locations, check_model
 from core.spec import resolve_spec
 from helip import crud
 from helip.queue import send_run_job
@@ -77,6 +77,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
             response.status_code = 200
             return _same_request(existing, request_hash)
     check_locations(body, settings.access(), budget_seconds=settings.location_check_seconds)
+    check_model(body, allowed_models=settings.allowed_model_prefixes())
     spec = resolve_spec(JobCreate.model_validate(submitted))
     try:
         job = crud.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
