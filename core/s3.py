@@ -121,7 +121,7 @@ def retrying(attempts: int, backoff: float, *, what: str,
 
     def log_retry(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        log.warning("%s failed (%s: %s); retry %d of %d in %.2fs", what, type(exc).__name__, exc,
+        log.warning("%s failed (%s: %s); retrying (%d of %d) in %.2fs", what, type(exc).__name__, exc,
                     state.attempt_number, attempts - 1, state.next_action.sleep if state.next_action else 0.0)
 
     policy = tenacity.Retrying(

@@ -112,7 +112,7 @@ def test_retries_with_backoff_then_success(tmp_path: Path, caplog: pytest.LogCap
     elapsed = time.monotonic() - t0
     assert Flaky.calls == 3 and sha == hashlib.sha256(data).hexdigest()
     assert elapsed >= 0.05 + 0.10 - 0.01  # backoff 1x then 2x
-    assert sum("retry" in r.message for r in caplog.records) == 2
+    assert sum("retrying" in r.message for r in caplog.records) == 2
 
 
 def test_s3_down_raises_storage_error_after_retries(tmp_path: Path) -> None:
