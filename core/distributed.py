@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import core.errors as errors
+from core import errors
 from core.progress import Reporter
 from core.rank import encode
 

@@ -109,7 +109,8 @@ class RelayReporter:
 
     def event(self, message, *, level="info", data=None):
         if self.rank == 0 or level != "info":
-            self._call("event", message, level=level, data={**(data or {}), **({"rank": self.rank} if self.rank else {})})
+            extra = {"rank": self.rank} if self.rank else {}
+            self._call("event", message, level=level, data={**(data or {}), **extra})
 
     def progress(self, stage, done, total, values=None):
         if self.rank == 0:

@@ -1,5 +1,6 @@
 """DDP (2 gloo processes on CPU) from a real Celery prefork worker over real HTTP, and the rank launcher itself:
-success, cancel, a rank's HelipError, a crashed or killed rank, a SIGKILLed worker; no rank outlives its job."""
+success, cancel, a rank's HelipError, a crashed or killed rank, a SIGKILLed worker; no rank outlives its job.
+(`helip run` with 2 processes, the same launcher without Celery: tests/test_pipeline.py.)"""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from helip import db
 from tests.test_service_e2e import FINISHED, KEY, MODEL, TINY, Service, assert_steps_once, job_spec, sha256
@@ -207,21 +205,6 @@ def test_a_sigkilled_worker_leaves_no_rank_alive(service: Service, world):
 # -- the launcher without the service ---------------------------------------------------------------------------
 
 
-def test_helip_run_with_two_processes(world, tmp_path):
-    spec = ddp_spec(world, steps=2, checkpoint_every=1)
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    r = subprocess.run([sys.executable, "-m", "helip.cli", "run", str(path), "--out", str(tmp_path / "out"), "-q"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    import torch
-
-    final = torch.load(tmp_path / "out" / "checkpoints" / "helip_final.pt", map_location="cpu", weights_only=True)
-    assert final["step"] == 2
-    assert not (tmp_path / "out" / "ddp" / "helip-inputs.pkl").exists()  # the ranks' inputs are removed
-    assert not gone(str(tmp_path))
-
-
 def test_a_crashed_rank_fails_with_its_traceback(tmp_path):
     from core.distributed import train_distributed
     from core.progress import CollectingReporter
@@ -233,6 +216,7 @@ def test_a_crashed_rank_fails_with_its_traceback(tmp_path):
     assert "a training process failed" in str(err.value)
     assert "Traceback" in str(err.value) and "AttributeError" in str(err.value)
     assert not gone(str(tmp_path), timeout=5)
+    assert not list((tmp_path / "ddp").iterdir())  # the ranks' inputs file is removed whatever happened
 
 
 def test_a_killed_rank_stops_the_other_and_fails_the_run(world, tmp_path):
@@ -264,3 +248,4 @@ def test_a_killed_rank_stops_the_other_and_fails_the_run(world, tmp_path):
     assert isinstance(outcome.get("error"), RuntimeError), outcome
     assert time.monotonic() - t0 < 60
     assert not gone(str(tmp_path), timeout=5)
+    assert not list((tmp_path / "ddp").iterdir())
