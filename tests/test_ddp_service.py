@@ -1,6 +1,6 @@
 """DDP (2 gloo processes on CPU) from a real Celery prefork worker over real HTTP, and the rank launcher itself:
 success, cancel, a rank's HelipError, a crashed or killed rank, a SIGKILLed worker; no rank outlives its job.
-(`helip run` with 2 processes, the same launcher without Celery: tests/test_pipeline.py.)"""
+(The same launcher without Celery, run_job with 2 processes: tests/test_pipeline.py.)"""
 
 from __future__ import annotations
 
