@@ -12,7 +12,8 @@ from worker.runner import execute_job, worker_identity
 
 def allow_child_processes() -> None:
     """A prefork pool's child is daemonic, and daemonic processes may not start children; a job needs
-    them (DataLoader workers, DDP ranks). The job's child processes are its own and end with it."""
+    them for its DataLoader workers. (DDP ranks do not go through multiprocessing: core.distributed
+    launches them as fresh interpreters.) The job's child processes are its own and end with it."""
     multiprocessing.current_process()._config["daemon"] = False
     try:
         import billiard.process
