@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from api.deps import ServiceContext
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, RateLimitMiddleware
+from api.openapi import operation_id
 from api.routes import files, health, jobs
 from helip.settings import Settings, get_settings
 
@@ -16,11 +17,10 @@ DESCRIPTION = (
     "mined table. Errors are JSON {\"error\": {\"code\", \"message\", \"param\"}}."
 )
 
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app on `settings` (default: the environment). Connects to nothing until the first request."""
     settings = settings or get_settings()
-    app = FastAPI(title="helip", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="helip", version="0.1.0", description=DESCRIPTION, generate_unique_id_function=operation_id)
     app.state.context = ServiceContext(settings)
     install_error_handlers(app)
     app.include_router(jobs.router)

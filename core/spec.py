@@ -36,9 +36,9 @@ class ModelSpec(_Strict):
 
 class DataSpec(_Strict):
     train: str = Field(min_length=1, description="webdataset shards (brace-expanded) or a CSV/TSV file")
-    csv_img_key: str = "filepath"
-    csv_caption_key: str = "title"
-    csv_separator: str = "\t"
+    csv_img_key: str = Field(default="filepath", description="CSV column holding the image path (open_clip's default)")
+    csv_caption_key: str = Field(default="title", description="CSV column holding the caption (open_clip's default)")
+    csv_separator: str = Field(default="\t", description="CSV column separator (a tab by default)")
     max_bad_fraction: float = Field(
         default=0.01, ge=0.0, le=1.0,
         description="The job fails when more than this fraction of samples is corrupt or missing.",
@@ -50,85 +50,91 @@ class DataSpec(_Strict):
 class MiningSpec(_Strict):
     encoder: str = Field(default="self", description="`self`, or an open_clip model name used as the miner")
     encoder_pretrained: str | None = Field(default=None, description="weights for a separate miner")
-    top_k: int = Field(default=50, ge=1, le=1000)
-    method: Literal["exact", "fast"] = "exact"
+    top_k: int = Field(default=50, ge=1, le=1000, description="mined neighbours kept per pair, best first")
+    method: Literal["exact", "fast"] = Field(
+        default="exact", description="exact: blocked products over the whole set; fast: a faiss index, re-ranked exactly")
     candidates: int | None = Field(default=None, ge=1, description="fast: ANN candidates per query (default 4 x top_k)")
     reference_size: int = Field(default=3_000_000, ge=1, description="fast: size of the reference subset")
-    same_caption_threshold: float = Field(default=0.995, ge=-1.0, le=1.0)
-    duplicate_threshold: float = Field(default=0.98, ge=-1.0, le=1.0)
+    same_caption_threshold: float = Field(default=0.995, ge=-1.0, le=1.0,
+                                          description="a text cosine above it means the same caption: never hard")
+    duplicate_threshold: float = Field(default=0.98, ge=-1.0, le=1.0,
+                                       description="a text or image cosine above it is set to 0 (a probable duplicate)")
     clamp_negative: bool = Field(default=True, description="clamp each cosine at 0 before the product")
-    block_size: int = Field(default=4096, ge=1)
+    block_size: int = Field(default=4096, ge=1, description="exact: queries per block of the blocked products")
     recall_sample: int = Field(default=1000, ge=0, description="fast: queries checked against exact")
     batch_size: int = Field(default=256, ge=1, description="embedding batch size")
 
 
 class HelipSpec(_Strict):
-    hard_per_target: int = Field(default=3, ge=0, le=64)
-    sample_from: int = Field(default=50, ge=1)
-    gamma: float = Field(default=0.3, ge=0.0)
-    margin: float = 0.0
-    margin_symmetric: bool = False
-    dedupe_captions: bool = True
+    hard_per_target: int = Field(default=3, ge=0, le=64, description="hard pairs put in the batch after each target pair")
+    sample_from: int = Field(default=50, ge=1, description="hard pairs are drawn uniformly from this many first neighbours")
+    gamma: float = Field(default=0.3, ge=0.0, description="weight of the margin loss: L = L_clip + gamma * L_margin")
+    margin: float = Field(default=0.0, description="m in the margin loss (0 as in the paper)")
+    margin_symmetric: bool = Field(default=False, description="also apply the margin term text-to-image")
+    dedupe_captions: bool = Field(
+        default=True, description="skip a hard pair whose caption equals one already in the batch (a false negative)")
 
 
 class TrainSpec(_Strict):
-    epochs: float = Field(default=2.0, gt=0.0)
+    epochs: float = Field(default=2.0, gt=0.0, description="passes over the training targets (fractions allowed)")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(default=256, ge=1, description="global batch (targets + hard pairs)")
     accum_steps: int = Field(default=1, ge=1, description="gradient accumulation micro-steps per optimizer step")
-    lr: float = Field(default=1e-5, gt=0.0)
-    weight_decay: float = Field(default=0.1, ge=0.0)
-    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(default=0.98, ge=0.0, lt=1.0)
-    eps: float = Field(default=1e-6, gt=0.0)
+    lr: float = Field(default=1e-5, gt=0.0, description="peak AdamW learning rate (cosine schedule after warmup)")
+    weight_decay: float = Field(default=0.1, ge=0.0, description="AdamW weight decay")
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="AdamW beta1")
+    beta2: float = Field(default=0.98, ge=0.0, lt=1.0, description="AdamW beta2")
+    eps: float = Field(default=1e-6, gt=0.0, description="AdamW epsilon")
     warmup: float = Field(default=0.03, ge=0.0, description="< 1: fraction of all steps; >= 1: steps")
-    grad_clip: float | None = Field(default=1.0, gt=0.0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_clip: float | None = Field(default=1.0, gt=0.0, description="clip the gradient norm to this; null: no clipping")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="autocast dtype; auto: bf16 on a GPU, fp32 on CPU")
     ssl_weight: float = Field(default=0.0, ge=0.0, description="SLIP-style SimCLR image-image term")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="filled in when omitted")
     checkpoint_every: int = Field(default=200, ge=1, description="optimizer steps between checkpoints")
     devices: int | None = Field(default=None, ge=1, description="processes for DDP (default: all GPUs, 1 on CPU)")
     compile: bool = Field(default=False, description="torch.compile the model (GPU)")
-    log_every: int = Field(default=10, ge=1)
+    log_every: int = Field(default=10, ge=1, description="optimizer steps between recorded training metrics")
 
 
 class ZeroShotSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="the data set's name in the results")
     root: str = Field(min_length=1, description="ImageFolder root: one folder per class")
-    classnames: list[str] | None = None
-    templates: list[str] = Field(default_factory=lambda: ["a photo of a {c}."], min_length=1)
+    classnames: list[str] | None = Field(default=None, description="class names in folder order; default the folder names")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {c}."], min_length=1,
+                                 description="prompt templates; {c} is replaced by the class name")
 
 
 class RetrievalSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="the data set's name in the results")
     data: str = Field(min_length=1, description="same formats as data.train")
-    csv_img_key: str | None = None
-    csv_caption_key: str | None = None
-    csv_separator: str | None = None
+    csv_img_key: str | None = Field(default=None, description="CSV image column (default filepath)")
+    csv_caption_key: str | None = Field(default=None, description="CSV caption column (default title)")
+    csv_separator: str | None = Field(default=None, description="CSV separator (default a tab)")
 
 
 class LinearProbeSpec(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="the data set's name in the results")
     train: str = Field(min_length=1, description="ImageFolder root")
     test: str = Field(min_length=1, description="ImageFolder root")
-    epochs: int = Field(default=100, ge=1)
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    epochs: int = Field(default=100, ge=1, description="training epochs of the linear classifier")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="weight decay of the linear classifier")
 
 
 class EvalSpec(_Strict):
-    zeroshot: list[ZeroShotSpec] = Field(default_factory=list)
-    retrieval: list[RetrievalSpec] = Field(default_factory=list)
-    linear_probe: list[LinearProbeSpec] = Field(default_factory=list)
-    batch_size: int = Field(default=256, ge=1)
+    zeroshot: list[ZeroShotSpec] = Field(default_factory=list, description="zero-shot classification sets")
+    retrieval: list[RetrievalSpec] = Field(default_factory=list, description="image-text retrieval sets")
+    linear_probe: list[LinearProbeSpec] = Field(default_factory=list, description="linear-probe sets (train and test)")
+    batch_size: int = Field(default=256, ge=1, description="evaluation batch size")
 
 
 class JobSpec(_Strict):
-    model: ModelSpec
-    data: DataSpec
-    mining: MiningSpec = Field(default_factory=MiningSpec)
-    helip: HelipSpec = Field(default_factory=HelipSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
+    model: ModelSpec = Field(description="the CLIP model to boost")
+    data: DataSpec = Field(description="its training data: what hard pairs are mined from and trained on")
+    mining: MiningSpec = Field(default_factory=MiningSpec, description="hard pair mining")
+    helip: HelipSpec = Field(default_factory=HelipSpec, description="hard pairs in batches and the margin loss")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="the fine-tune")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="evaluation of baseline, control and boosted models")
     control: bool = Field(default=False, description="also run a plain fine-tune with the same steps")
 
     @model_validator(mode="after")
