@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from core.spec import JobSpec
 
@@ -65,6 +65,9 @@ class JobPublic(BaseModel):
     finished_at: datetime | None = Field(default=None, description="when it succeeded, failed or was cancelled")
     heartbeat_at: datetime | None = Field(default=None, description="the running worker's last sign of life")
     spec: dict[str, Any] = Field(description="the resolved spec: every default filled in, the seed included")
+    name: str | None = Field(default=None, description="the spec's name")
+    metadata: dict[str, str] = Field(default_factory=dict, validation_alias=AliasChoices("meta", "metadata"),
+                                     description="the spec's metadata (string labels; filter with metadata.KEY=VALUE)")
     seed: int = Field(description="the training seed (spec.train.seed, drawn at submit when not given)")
     error: ErrorInfo | None = Field(default=None, description="why a failed job failed")
     result: dict[str, Any] | None = Field(

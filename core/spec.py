@@ -8,13 +8,30 @@ raises `SpecError` naming the field (dotted path, e.g. `train.batch_size`).
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import SpecError
+
+
+NAME_MAX, METADATA_MAX_KEYS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 200, 32, 64, 512
+METADATA_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def check_metadata(value: dict[str, str]) -> dict[str, str]:
+    """Job metadata within its bounds (key count, key characters and length, value length), else ValueError."""
+    if len(value) > METADATA_MAX_KEYS:
+        raise ValueError(f"at most {METADATA_MAX_KEYS} keys, got {len(value)}")
+    for key, val in value.items():
+        if not METADATA_KEY.fullmatch(key) or len(key) > METADATA_KEY_MAX:
+            raise ValueError(f"key {key[:80]!r} must be 1-{METADATA_KEY_MAX} letters, digits, _ . : or -")
+        if len(val) > METADATA_VALUE_MAX:
+            raise ValueError(f"the value of {key!r} is longer than {METADATA_VALUE_MAX} characters")
+    return value
 
 
 class _Strict(BaseModel):
@@ -136,6 +153,18 @@ class JobSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec, description="the fine-tune")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="evaluation of baseline, control and boosted models")
     control: bool = Field(default=False, description="also run a plain fine-tune with the same steps")
+    name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX,
+                             description=f"a label for the job, returned with it (at most {NAME_MAX} characters)")
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"string labels returned with the job and filterable with GET /jobs?metadata.KEY=VALUE: at most "
+        f"{METADATA_MAX_KEYS} keys of 1-{METADATA_KEY_MAX} characters (letters, digits, _ . : -), values of at most "
+        f"{METADATA_VALUE_MAX} characters")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_metadata(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":

@@ -122,7 +122,7 @@ def list_(status: Annotated[Optional[str], typer.Option(help="queued, running, s
             for i, job in enumerate(client.list(status=status, metadata=pairs or None, page_size=min(limit, 100))):
                 if i >= limit:
                     break
-                name = getattr(job, "name", None) or ""
+                name = job.name or ""
                 typer.echo(f"{job.id}  {job.status:10s} {job.stage or '-':10s} {job.created_at:%Y-%m-%d %H:%M:%S}  {name}")
         except HelipAPIError as exc:
             _fail(exc)

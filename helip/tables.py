@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-    UniqueConstraint,
+    UniqueConstraint, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -84,6 +84,9 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(255))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     progress: Mapped[dict[str, Any] | None]  # {stage, done, total, step, total_steps, eta_seconds}
+    name: Mapped[str | None] = mapped_column(String(200))  # spec.name
+    # spec.metadata, a string map; the attribute is `meta` because DeclarativeBase owns `metadata`
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict, server_default=text("'{}'"))
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),

@@ -15,6 +15,7 @@ from api.deps import ContextDep, OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.downloads import download_url
 from api.errors import ApiError, not_found
 from api.hard_pairs import hard_pairs_sample
+from api.job_filters import METADATA_FILTER_DOC, metadata_filters
 from api.schemas import (
     CheckpointPublic, CheckpointsPage, ErrorResponse, EventPublic, EventsPage, HardPairsPublic, JobCreate, JobPublic, JobsPage,
     MetricsPage, StepPublic,
@@ -82,6 +83,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
     try:
         job = crud.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
                               idempotency_key=idempotency_key or None, request_hash=request_hash)
+        job.name, job.meta = spec.name, dict(spec.metadata)
         session.commit()  # the row exists before the worker can see the message
     except IntegrityError:
         session.rollback()  # a concurrent request with the same key won the insert
@@ -103,14 +105,15 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
     return job
 
 
-@router.get("", response_model=JobsPage, responses=ERRORS)
-def list_jobs(session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+@router.get("", response_model=JobsPage, responses=ERRORS, openapi_extra=METADATA_FILTER_DOC)
+def list_jobs(request: Request, session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=64, description="id of the last job seen")] = None,
               status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None):
-    """The caller's jobs, newest first."""
+    """The caller's jobs, newest first; `status` and any number of `metadata.KEY=VALUE` (all must match) filter them."""
+    metadata = metadata_filters(request.query_params.multi_items())
     if after is not None and not _is_job_id(after):
         return {"data": [], "has_more": False}  # like any unknown cursor
-    jobs, has_more = crud.list_jobs(session, owner=owner, limit=limit, after=after, status=status)
+    jobs, has_more = crud.list_jobs(session, owner=owner, limit=limit, after=after, status=status, metadata=metadata)
     return {"data": jobs, "has_more": has_more}
 
 
