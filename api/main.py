@@ -8,7 +8,7 @@ from api.deps import ServiceContext
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, RateLimitMiddleware
 from api.openapi import operation_id
-from api.routes import files, health, jobs
+from api.routes import files, health, jobs, webhooks
 from helip.settings import Settings, get_settings
 
 DESCRIPTION = (
@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(webhooks.router)
     # Added last = runs first: refuse floods and oversized bodies before any work is done.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, rate_per_minute=settings.rate_limit_per_minute)

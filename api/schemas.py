@@ -158,3 +158,36 @@ class HardPairsPublic(BaseModel):
 class Health(BaseModel):
     status: str = Field(description="ok, or unavailable when a dependency is unreachable")
     checks: dict[str, str] = Field(default_factory=dict, description="each dependency checked and its state")
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="whsec_ + base64 key: verify the webhook-signature header of this key's webhooks "
+                                    "with it (Standard Webhooks, HMAC-SHA256)")
+
+
+class WebhookAttempt(BaseModel):
+    at: datetime = Field(description="when the attempt ended")
+    status_code: int | None = Field(description="the receiver's HTTP status; null when no answer came")
+    error: str | None = Field(description="why it failed; null when it was delivered")
+    ms: int = Field(description="how long it took, milliseconds")
+
+
+class WebhookDeliveryPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int = Field(description="increasing delivery id: the `after` cursor")
+    event: str = Field(description="job.succeeded | job.failed | job.cancelled | job.stage")
+    message_id: str = Field(description="the webhook-id header, the same on every attempt (deduplicate on it)")
+    url: str = Field(description="where it is sent")
+    status: str = Field(description="pending (will be tried again) | delivered | failed (gave up)")
+    attempts: int = Field(description="attempts so far")
+    attempt_log: list[WebhookAttempt] = Field(description="every attempt, oldest first")
+    payload: dict[str, Any] = Field(description="the JSON body sent: {type, timestamp, data: the job}")
+    created_at: datetime = Field(description="when the event happened and the delivery was queued")
+    next_attempt_at: datetime = Field(description="pending: when it is tried next")
+    delivered_at: datetime | None = Field(default=None, description="when a 2xx answer came")
+
+
+class WebhookDeliveriesPage(BaseModel):
+    data: list[WebhookDeliveryPublic] = Field(description="deliveries in the order they were queued")
+    has_more: bool = Field(description="more follow: pass the last id as `after`")

@@ -11,6 +11,7 @@ import random
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -145,6 +146,38 @@ class EvalSpec(_Strict):
     batch_size: int = Field(default=256, ge=1, description="evaluation batch size")
 
 
+WEBHOOK_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.stage")
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage"]
+
+
+class WebhookSpec(_Strict):
+    url: str = Field(min_length=1, max_length=2048,
+                     description="http(s) URL the events are POSTed to, signed per Standard Webhooks; its host must "
+                     "be in the service's HELIP_WEBHOOK_ALLOWED_HOSTS")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["job.succeeded", "job.failed", "job.cancelled"], min_length=1,
+        description="which events to send: job.succeeded, job.failed, job.cancelled, job.stage (each stage start)")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
 class JobSpec(_Strict):
     model: ModelSpec = Field(description="the CLIP model to boost")
     data: DataSpec = Field(description="its training data: what hard pairs are mined from and trained on")
@@ -160,6 +193,8 @@ class JobSpec(_Strict):
         description=f"string labels returned with the job and filterable with GET /jobs?metadata.KEY=VALUE: at most "
         f"{METADATA_MAX_KEYS} keys of 1-{METADATA_KEY_MAX} characters (letters, digits, _ . : -), values of at most "
         f"{METADATA_VALUE_MAX} characters")
+
+    webhook: WebhookSpec | None = Field(default=None, description="where to POST signed job events (optional)")
 
     @field_validator("metadata")
     @classmethod

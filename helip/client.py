@@ -16,6 +16,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from api.schemas import (
     CheckpointPublic, CheckpointsPage, EventPublic, EventsPage, JobPublic, JobsPage, MetricsPage,
+    WebhookDeliveriesPage, WebhookDeliveryPublic, WebhookSecret,
 )
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -195,6 +196,20 @@ class Client:
 
     def checkpoints(self, job_id: str) -> list[CheckpointPublic]:
         return self._get(f"/jobs/{job_id}/checkpoints", CheckpointsPage).data
+
+    def webhook_deliveries(self, job_id: str) -> list[WebhookDeliveryPublic]:
+        """The job's webhook messages with every attempt (all pages)."""
+        out: list[WebhookDeliveryPublic] = []
+        while True:
+            page = self._get(f"/jobs/{job_id}/webhook-deliveries", WebhookDeliveriesPage, limit=1000,
+                             after=out[-1].id if out else None)
+            out += page.data
+            if not page.has_more or not page.data:
+                return out
+
+    def webhook_secret(self) -> str:
+        """The `whsec_...` secret that signs this key's webhooks (verify with the standardwebhooks package)."""
+        return self._get("/webhook-secret", WebhookSecret).secret
 
     # -- downloads -------------------------------------------------------------------------------------------
 

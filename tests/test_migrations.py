@@ -16,7 +16,7 @@ from helip.settings import Settings
 from helip.tables import Base
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = {"jobs", "events", "step_metrics", "eval_results", "checkpoints", "artifacts"}
+TABLES = {"jobs", "events", "step_metrics", "eval_results", "checkpoints", "artifacts", "webhook_deliveries"}
 
 
 def _diff(url: str) -> list:

@@ -16,6 +16,7 @@ from api.downloads import download_url
 from api.errors import ApiError, not_found
 from api.hard_pairs import hard_pairs_sample
 from api.job_filters import METADATA_FILTER_DOC, metadata_filters
+from api.webhook_check import check_webhook
 from api.schemas import (
     CheckpointPublic, CheckpointsPage, ErrorResponse, EventPublic, EventsPage, HardPairsPublic, JobCreate, JobPublic, JobsPage,
     MetricsPage, StepPublic,
@@ -79,11 +80,13 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
             response.status_code = 200
             return _same_request(existing, request_hash)
     check_locations(body, settings.access())
+    check_webhook(body, settings)
     spec = resolve_spec(JobCreate.model_validate(submitted))
     try:
         job = crud.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
                               idempotency_key=idempotency_key or None, request_hash=request_hash)
         job.name, job.meta = spec.name, dict(spec.metadata)
+        job.webhook_cursor = 0 if spec.webhook is not None else None  # the webhook dispatcher starts from here
         session.commit()  # the row exists before the worker can see the message
     except IntegrityError:
         session.rollback()  # a concurrent request with the same key won the insert
