@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -145,11 +146,19 @@ def _claim(session: Session, now: datetime, limit: int) -> list[WebhookDelivery]
     return won
 
 
-def post(http: httpx.Client, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str | None]:
-    """One POST: (status code, error). Redirects are not followed and the answer's body is never read."""
+async def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=httpx.Timeout(timeout)) as http:
+        async with http.stream("POST", url, content=body, headers=headers) as resp:
+            return resp.status_code  # the answer's body is never read
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int | None, str | None]:
+    """One POST within `timeout` seconds in all (connect, send, the answer's headers: a receiver that drips its
+    answer is cut off too): (status code, error). Redirects are not followed, no proxy from the environment."""
     try:
-        with http.stream("POST", url, content=body, headers=headers) as resp:
-            code = resp.status_code
+        code = asyncio.run(asyncio.wait_for(_post(url, body, headers, timeout), timeout))
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        return None, f"no answer within {timeout:g} s"
     except httpx.HTTPError as exc:
         return None, f"{type(exc).__name__}: {str(exc)[:200]}"
     if 200 <= code < 300:
@@ -157,7 +166,7 @@ def post(http: httpx.Client, url: str, body: bytes, headers: dict[str, str]) -> 
     return code, f"HTTP {code}" + (" (redirects are not followed)" if 300 <= code < 400 else "")
 
 
-def deliver_due(settings: Settings, sessions: sessionmaker[Session], http: httpx.Client, *, limit: int = 20) -> int:
+def deliver_due(settings: Settings, sessions: sessionmaker[Session], *, limit: int = 20) -> int:
     """Send every due delivery once; a failure is retried later (backoff doubling), until max attempts."""
     with sessions() as session:
         claimed = _claim(session, utcnow(), limit)
@@ -169,8 +178,8 @@ def deliver_due(settings: Settings, sessions: sessionmaker[Session], http: httpx
         problem = destination_problem(d.url, settings)  # the allowed hosts may have changed since the submit
         t0 = time.monotonic()
         if problem is None:
-            code, error = post(http, d.url, body, signed_headers(owner_secret(secret, owners[d.job_id]),
-                                                                 d.message_id, body))
+            code, error = post(d.url, body, signed_headers(owner_secret(secret, owners[d.job_id]), d.message_id, body),
+                               settings.webhook_timeout_seconds)
         else:
             code, error = None, f"destination refused: {problem}"
         attempts, now = d.attempts + 1, utcnow()
@@ -193,14 +202,9 @@ def deliver_due(settings: Settings, sessions: sessionmaker[Session], http: httpx
     return len(claimed)
 
 
-def http_client(settings: Settings) -> httpx.Client:
-    """No redirects, no proxies from the environment, every network step bounded."""
-    return httpx.Client(follow_redirects=False, trust_env=False, timeout=httpx.Timeout(settings.webhook_timeout_seconds))
-
-
-def dispatch_round(settings: Settings, sessions: sessionmaker[Session], http: httpx.Client) -> int:
+def dispatch_round(settings: Settings, sessions: sessionmaker[Session]) -> int:
     """One round: collect new events into the outbox, then send what is due. Returns deliveries attempted."""
     with sessions() as session:
         collect(session)
         session.commit()
-    return deliver_due(settings, sessions, http)
+    return deliver_due(settings, sessions)

@@ -19,7 +19,7 @@ from api.main import create_app
 from helip import crud
 from helip.settings import Settings
 from helip.tables import WebhookDelivery
-from helip.webhooks import destination_problem, dispatch_round, http_client, owner_secret, sign, signed_headers
+from helip.webhooks import destination_problem, dispatch_round, owner_secret, post, sign, signed_headers
 from tests.services import free_ports
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the example secret of the Standard Webhooks spec
@@ -133,11 +133,10 @@ def drive(api: TestClient, settings: Settings, until, timeout: float = 20.0) -> 
     """Dispatcher rounds (what the worker's thread runs) until `until()` holds."""
     ctx = api.app.state.context
     deadline = time.monotonic() + timeout
-    with http_client(settings) as http:
-        while not until():
-            assert time.monotonic() < deadline, "timed out"
-            dispatch_round(settings, ctx.sessions, http)
-            time.sleep(0.05)
+    while not until():
+        assert time.monotonic() < deadline, "timed out"
+        dispatch_round(settings, ctx.sessions)
+        time.sleep(0.05)
 
 
 def test_the_outbox_retries_until_accepted_and_never_follows_a_redirect(app_settings: Settings):
@@ -187,3 +186,35 @@ def test_the_outbox_retries_until_accepted_and_never_follows_a_redirect(app_sett
     finally:
         for r in (flaky, moved, target):
             r.close()
+
+
+def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_timeout():
+    """Bytes every 0.3 s never trip a per-read timeout; the whole attempt is still bounded."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            for ch in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(bytes([ch]))
+                except OSError:
+                    return
+                time.sleep(0.3)
+
+    threading.Thread(target=drip, daemon=True).start()
+    t0 = time.monotonic()
+    code, error = post(f"http://127.0.0.1:{srv.getsockname()[1]}/x", b"{}", {}, 1.5)
+    elapsed = time.monotonic() - t0
+    stop.set()
+    srv.close()
+    assert code is None and error == "no answer within 1.5 s"
+    assert elapsed < 5  # not the ~5 minutes the drip would take

@@ -23,19 +23,18 @@ def _loop(settings: Settings) -> None:
     from sqlalchemy.orm import sessionmaker
 
     from helip import db
-    from helip.webhooks import dispatch_round, http_client
+    from helip.webhooks import dispatch_round
 
     db.ensure_schema(settings)
     engine = db.make_engine(str(settings.database_url))  # its own engine, like the reaper's: nothing pooled at fork
     sessions = sessionmaker(bind=engine, expire_on_commit=False)
-    with http_client(settings) as http:
-        while not _stop.wait(POLL_SECONDS):
-            try:
-                dispatch_round(settings, sessions, http)
-            except Exception:  # a database hiccup: the outbox keeps everything for the next round
-                log.exception("webhook round failed")
-            finally:
-                engine.dispose()
+    while not _stop.wait(POLL_SECONDS):
+        try:
+            dispatch_round(settings, sessions)
+        except Exception:  # a database hiccup: the outbox keeps everything for the next round
+            log.exception("webhook round failed")
+        finally:
+            engine.dispose()
 
 
 @worker_ready.connect
