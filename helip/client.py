@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
@@ -123,7 +124,7 @@ class Client:
 
     def _get(self, path: str, model: type[BaseModel], **params: Any) -> Any:
         params = {k: v for k, v in params.items() if v is not None}
-        return model.model_validate(self._request("GET", path, safe=True, params=params).json())
+        return _parse(model, self._request("GET", path, safe=True, params=params))
 
     # -- jobs ------------------------------------------------------------------------------------------------
 
@@ -132,10 +133,10 @@ class Client:
         body = spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, BaseModel) else dict(spec)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         resp = self._request("POST", "/jobs", safe=bool(idempotency_key), json=body, headers=headers)
-        return JobPublic.model_validate(resp.json())
+        return _parse(JobPublic, resp)
 
     def get(self, job_id: str) -> JobPublic:
-        return self._get(f"/jobs/{job_id}", JobPublic)
+        return self._get(f"/jobs/{_q(job_id)}", JobPublic)
 
     def list(self, status: str | None = None, metadata: Mapping[str, str] | None = None, *,
              page_size: int = 100) -> Iterator[JobPublic]:
@@ -151,7 +152,7 @@ class Client:
 
     def cancel(self, job_id: str) -> JobPublic:
         """queued -> cancelled, running -> cancelling; a finished job is a 409 HelipAPIError."""
-        return JobPublic.model_validate(self._request("POST", f"/jobs/{job_id}/cancel", safe=True).json())
+        return _parse(JobPublic, self._request("POST", f"/jobs/{_q(job_id)}/cancel", safe=True))
 
     def wait(self, job_id: str, on_progress: Callable[[JobPublic], None] | None = None, *, poll: float = 1.0,
              timeout: float | None = None) -> JobPublic:
@@ -174,7 +175,7 @@ class Client:
         while True:
             finished = follow and self.get(job_id).status in FINISHED  # read before the pages: no event is missed
             while True:
-                page = self._get(f"/jobs/{job_id}/events", EventsPage, after=after, limit=1000)
+                page = self._get(f"/jobs/{_q(job_id)}/events", EventsPage, after=after, limit=1000)
                 for ev in page.data:
                     after = ev.id
                     yield ev
@@ -188,20 +189,20 @@ class Client:
         """Every training step (all pages joined: the cursor is the last step read) and the evaluation results."""
         steps, after_step = [], None
         while True:
-            page = self._get(f"/jobs/{job_id}/metrics", MetricsPage, limit=10000, after_step=after_step)
+            page = self._get(f"/jobs/{_q(job_id)}/metrics", MetricsPage, limit=10000, after_step=after_step)
             steps += page.data
             if not page.has_more or not page.data:
                 return MetricsPage(data=steps, eval=page.eval, has_more=False)
             after_step = page.data[-1].step
 
     def checkpoints(self, job_id: str) -> list[CheckpointPublic]:
-        return self._get(f"/jobs/{job_id}/checkpoints", CheckpointsPage).data
+        return self._get(f"/jobs/{_q(job_id)}/checkpoints", CheckpointsPage).data
 
     def webhook_deliveries(self, job_id: str) -> list[WebhookDeliveryPublic]:
         """The job's webhook messages with every attempt (all pages)."""
         out: list[WebhookDeliveryPublic] = []
         while True:
-            page = self._get(f"/jobs/{job_id}/webhook-deliveries", WebhookDeliveriesPage, limit=1000,
+            page = self._get(f"/jobs/{_q(job_id)}/webhook-deliveries", WebhookDeliveriesPage, limit=1000,
                              after=out[-1].id if out else None)
             out += page.data
             if not page.has_more or not page.data:
@@ -279,6 +280,19 @@ class Client:
                 for chunk in resp.iter_bytes():  # as received: a cut keeps every byte that arrived
                     fh.write(chunk)
         return ck
+
+
+def _q(job_id: str) -> str:
+    """A job id as one path segment: nothing in it can reach another route."""
+    return quote(str(job_id), safe="")
+
+
+def _parse(model: type[BaseModel], resp: httpx.Response) -> Any:
+    try:
+        return model.model_validate(resp.json())
+    except ValueError as exc:  # not JSON, or not the shape the API documents (pydantic's error is a ValueError)
+        raise HelipAPIError(resp.status_code, "invalid_response",
+                            f"{resp.request.method} {resp.request.url.path}: unexpected answer: {exc}"[:500]) from exc
 
 
 def _range_start(content_range: str | None) -> int | None:

@@ -241,3 +241,17 @@ def test_the_eta_covers_the_runs_still_to_come():
     # before training only the stage's own ETA is known: a lower bound, shown with '+'
     mining = _running("mining", done=1, total=4, eta_seconds=3725.0, control=True)
     assert job_eta(mining) == (3725.0, False) and progress_line(mining).endswith("1/4 ETA 1:02:05+")
+
+
+def test_a_job_id_stays_one_path_segment_and_a_bad_answer_is_an_api_error():
+    paths = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        paths.append(req.url.raw_path)
+        return httpx.Response(200, text="<html>not json</html>")
+
+    client, _ = fake(handler)
+    with pytest.raises(HelipAPIError) as info:
+        client.get("../files/x?y=1")
+    assert paths == [b"/jobs/..%2Ffiles%2Fx%3Fy%3D1"]
+    assert info.value.code == "invalid_response" and info.value.status == 200
