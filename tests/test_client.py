@@ -255,3 +255,21 @@ def test_a_job_id_stays_one_path_segment_and_a_bad_answer_is_an_api_error():
         client.get("../files/x?y=1")
     assert paths == [b"/jobs/..%2Ffiles%2Fx%3Fy%3D1"]
     assert info.value.code == "invalid_response" and info.value.status == 200
+
+
+def test_events_follow_a_running_job_until_it_has_finished():
+    state = {"polls": 0}
+    events = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path.endswith("/events"):
+            after = int(req.url.params.get("after", 0))
+            return httpx.Response(200, json={"data": [e for e in events if e["id"] > after], "has_more": False})
+        state["polls"] += 1  # each job read: one more event appears; the third read finds the job finished
+        events.append({"id": state["polls"], "created_at": NOW.isoformat(), "level": "info",
+                       "message": f"e{state['polls']}"})
+        return httpx.Response(200, json=job_body(status="succeeded" if state["polls"] >= 3 else "running"))
+
+    client, slept = fake(handler)
+    assert [e.message for e in client.events("job-" + "a" * 24, follow=True, poll=0.5)] == ["e1", "e2", "e3"]
+    assert slept == [0.5, 0.5]

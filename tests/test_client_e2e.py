@@ -159,6 +159,20 @@ def test_the_cli_submits_and_waits_with_a_live_line_and_the_lift_table(service: 
     listed = subprocess.run([sys.executable, "-m", "helip.cli", "jobs", "list", "--status", "succeeded"],
                             env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "helip.cli", "jobs", *args], env=env, capture_output=True,
+                              text=True, timeout=120, cwd=ROOT)
+
+    table = cli("metrics", job_id)
+    assert table.returncode == 0 and "| retrieval | image_retrieval_recall@1 |" in table.stdout, table.stderr
+    events = cli("events", job_id).stdout.splitlines()
+    assert any(line.endswith("stage: training") for line in events) and len(events) >= 4
+    got = cli("download", job_id, "--run", "control", "--dest", str(tmp_path / "control.pt"))
+    assert got.returncode == 0 and got.stdout.strip() == str(tmp_path / "control.pt"), got.stderr
+    final = next(c for c in Client(service.base, KEY).checkpoints(job_id) if c.final and c.run == "control")
+    assert hashlib.sha256((tmp_path / "control.pt").read_bytes()).hexdigest() == final.sha256
+    again = cli("cancel", job_id)
+    assert again.returncode == 1 and "409 job_finished" in again.stderr
     missing = subprocess.run([sys.executable, "-m", "helip.cli", "jobs", "show", "job-" + "0" * 24],
                              env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert missing.returncode == 1 and "not_found" in missing.stderr
