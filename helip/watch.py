@@ -62,13 +62,14 @@ def progress_line(job: JobPublic, elapsed: float | None = None) -> str:
 
 class LiveLine:
     """Redraws one line in place on a terminal; elsewhere (logs, pipes) prints a line when the stage, run or
-    status changes, when steps first show, and at most every `every` seconds otherwise."""
+    status changes, when steps first show, and otherwise at most every `every` seconds when something moved."""
 
     def __init__(self, out: TextIO = sys.stderr, *, every: float = 5.0):
         self.out, self.every = out, every
         self.tty = out.isatty()
         self.started = time.monotonic()
         self.last, self.last_key, self.last_print = "", None, float("-inf")
+        self.last_shown = ""  # the last line written to a log, without the elapsed time
 
     def __call__(self, job: JobPublic) -> None:
         line = progress_line(job, time.monotonic() - self.started)
@@ -77,10 +78,11 @@ class LiveLine:
         if self.tty:
             self.out.write("\r" + line.ljust(len(self.last)))
             self.out.flush()
-        elif key != self.last_key or time.monotonic() - self.last_print >= self.every:
+        elif key != self.last_key or (time.monotonic() - self.last_print >= self.every
+                                      and progress_line(job) != self.last_shown):
             self.out.write(line + "\n")
             self.out.flush()
-            self.last_print = time.monotonic()
+            self.last_print, self.last_shown = time.monotonic(), progress_line(job)
         self.last, self.last_key = line, key
 
     def note(self, message: str) -> None:

@@ -273,3 +273,21 @@ def test_events_follow_a_running_job_until_it_has_finished():
     client, slept = fake(handler)
     assert [e.message for e in client.events("job-" + "a" * 24, follow=True, poll=0.5)] == ["e1", "e2", "e3"]
     assert slept == [0.5, 0.5]
+
+
+def test_the_live_line_in_a_log_prints_changes_not_repeats():
+    import io
+
+    from helip.watch import LiveLine
+
+    out = io.StringIO()
+    live = LiveLine(out, every=0.0)
+    step = _running("training", run="helip", step=5, total_steps=10, eta_seconds=5.0, loss=1.0)
+    live(_running("mining", done=1, total=2, eta_seconds=1.0))
+    live(step)
+    live(step)  # nothing moved: not written again
+    live(_running("training", run="helip", step=6, total_steps=10, eta_seconds=4.0, loss=0.9))
+    lines = out.getvalue().splitlines()
+    assert [ln.split("  (")[0] for ln in lines] == [
+        "running   stage=mining     1/2 ETA 00:01+", "running   stage=training   helip step 5/10 loss 1.000 ETA 00:05",
+        "running   stage=training   helip step 6/10 loss 0.900 ETA 00:04"]
