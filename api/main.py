@@ -7,7 +7,8 @@ from fastapi import FastAPI
 from api.deps import ServiceContext
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, RateLimitMiddleware
-from api.routes import files, health, jobs
+from api.openapi import operation_id
+from api.routes import files, health, jobs, webhooks
 from helip.settings import Settings, get_settings
 
 DESCRIPTION = (
@@ -16,16 +17,16 @@ DESCRIPTION = (
     "mined table. Errors are JSON {\"error\": {\"code\", \"message\", \"param\"}}."
 )
 
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app on `settings` (default: the environment). Connects to nothing until the first request."""
     settings = settings or get_settings()
-    app = FastAPI(title="helip", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="helip", version="0.1.0", description=DESCRIPTION, generate_unique_id_function=operation_id)
     app.state.context = ServiceContext(settings)
     install_error_handlers(app)
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(webhooks.router)
     # Added last = runs first: refuse floods and oversized bodies before any work is done.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, rate_per_minute=settings.rate_limit_per_minute,

@@ -12,6 +12,7 @@ import random
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,15 +30,34 @@ MAX_CONFIG_PARAMS = 10_000_000_000  # an estimate of a custom model's parameters
 
 
 def _check_value(value: Any, where: str = "") -> None:
-    """Refuse NUL characters and over-long strings anywhere in a field's value (lists and maps included)."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise ValueError(f"{where or 'value'} contains a NUL character")
-        if len(value) > MAX_STRING:
-            raise ValueError(f"{where or 'value'} is longer than {MAX_STRING} characters")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_value(v, f"{where}[{i}]" if where else f"item {i}")
+    """Refuse NUL characters and over-long strings anywhere in a field's value (lists, maps and their keys
+    included). Iterative: a deeply nested value is walked without recursion."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                raise ValueError(f"{at or 'value'} contains a NUL character")
+            if len(v) > MAX_STRING:
+                raise ValueError(f"{at or 'value'} is longer than {MAX_STRING} characters")
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, f"{at}[{i}]" if at else f"item {i}") for i, x in enumerate(v))
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((k, f"a key of {at or 'the map'}"))
+                stack.append((x, f"{at}.{k}" if at else str(k)))
+
+
+def check_metadata(value: dict[str, str]) -> dict[str, str]:
+    """Job metadata within its bounds (key count, key characters and length, value length), else ValueError."""
+    if len(value) > METADATA_MAX_KEYS:
+        raise ValueError(f"at most {METADATA_MAX_KEYS} keys, got {len(value)}")
+    for key, val in value.items():
+        if not METADATA_KEY.fullmatch(key) or len(key) > METADATA_KEY_MAX:
+            raise ValueError(f"key {key[:80]!r} must be 1-{METADATA_KEY_MAX} letters, digits, _ . : or -")
+        if len(val) > METADATA_VALUE_MAX:
+            raise ValueError(f"the value of {key!r} is longer than {METADATA_VALUE_MAX} characters")
+    return value
 
 
 class _Strict(BaseModel):
@@ -137,9 +157,9 @@ class ModelSpec(_Strict):
 
 class DataSpec(_Strict):
     train: str = Field(min_length=1, description="webdataset shards (brace-expanded) or a CSV/TSV file")
-    csv_img_key: str = "filepath"
-    csv_caption_key: str = "title"
-    csv_separator: str = "\t"
+    csv_img_key: str = Field(default="filepath", description="CSV column holding the image path (open_clip's default)")
+    csv_caption_key: str = Field(default="title", description="CSV column holding the caption (open_clip's default)")
+    csv_separator: str = Field(default="\t", description="CSV column separator (a tab by default)")
     max_bad_fraction: float = Field(
         default=0.01, ge=0.0, le=1.0,
         description="The job fails when more than this fraction of samples is corrupt or missing.",
@@ -151,86 +171,144 @@ class DataSpec(_Strict):
 class MiningSpec(_Strict):
     encoder: str = Field(default="self", description="`self`, or an open_clip model name used as the miner")
     encoder_pretrained: str | None = Field(default=None, description="weights for a separate miner")
-    top_k: int = Field(default=50, ge=1, le=1000)
-    method: Literal["exact", "fast"] = "exact"
-    candidates: int | None = Field(default=None, ge=1, le=100_000, description="fast: ANN candidates per query (default 4 x top_k)")
-    reference_size: int = Field(default=3_000_000, ge=1, le=10_000_000_000, description="fast: size of the reference subset")
-    same_caption_threshold: float = Field(default=0.995, ge=-1.0, le=1.0)
-    duplicate_threshold: float = Field(default=0.98, ge=-1.0, le=1.0)
+    top_k: int = Field(default=50, ge=1, le=1000, description="mined neighbours kept per pair, best first")
+    method: Literal["exact", "fast"] = Field(
+        default="exact", description="exact: blocked products over the whole set; fast: a faiss index, re-ranked exactly")
+    candidates: int | None = Field(default=None, ge=1, le=100_000,
+                                   description="fast: ANN candidates per query (default 4 x top_k)")
+    reference_size: int = Field(default=3_000_000, ge=1, le=10_000_000_000,
+                                description="fast: size of the reference subset")
+    same_caption_threshold: float = Field(default=0.995, ge=-1.0, le=1.0,
+                                          description="a text cosine above it means the same caption: never hard")
+    duplicate_threshold: float = Field(default=0.98, ge=-1.0, le=1.0,
+                                       description="a text or image cosine above it is set to 0 (a probable duplicate)")
     clamp_negative: bool = Field(default=True, description="clamp each cosine at 0 before the product")
-    block_size: int = Field(default=4096, ge=1, le=MAX_BATCH)
+    block_size: int = Field(default=4096, ge=1, le=MAX_BATCH, description="exact: queries per block of the blocked products")
     recall_sample: int = Field(default=1000, ge=0, le=1_000_000, description="fast: queries checked against exact")
     batch_size: int = Field(default=256, ge=1, le=MAX_BATCH, description="embedding batch size")
 
 
 class HelipSpec(_Strict):
-    hard_per_target: int = Field(default=3, ge=0, le=64)
-    sample_from: int = Field(default=50, ge=1, le=1000)
-    gamma: float = Field(default=0.3, ge=0.0, le=1000.0)
-    margin: float = Field(default=0.0, ge=-2.0, le=2.0, description="a difference of cosines: within [-2, 2]")
-    margin_symmetric: bool = False
-    dedupe_captions: bool = True
+    hard_per_target: int = Field(default=3, ge=0, le=64, description="hard pairs put in the batch after each target pair")
+    sample_from: int = Field(default=50, ge=1, le=1000,
+                             description="hard pairs are drawn uniformly from this many first neighbours")
+    gamma: float = Field(default=0.3, ge=0.0, le=1000.0,
+                         description="weight of the margin loss: L = L_clip + gamma * L_margin")
+    margin: float = Field(default=0.0, ge=-2.0, le=2.0,
+                          description="m in the margin loss (0 as in the paper); a difference of cosines, in [-2, 2]")
+    margin_symmetric: bool = Field(default=False, description="also apply the margin term text-to-image")
+    dedupe_captions: bool = Field(
+        default=True, description="skip a hard pair whose caption equals one already in the batch (a false negative)")
 
 
 class TrainSpec(_Strict):
-    epochs: float = Field(default=2.0, gt=0.0, le=10_000.0)
+    epochs: float = Field(default=2.0, gt=0.0, le=10_000.0, description="passes over the training targets (fractions allowed)")
     max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps")
     batch_size: int = Field(default=256, ge=1, le=MAX_BATCH, description="global batch (targets + hard pairs)")
     accum_steps: int = Field(default=1, ge=1, le=4096, description="gradient accumulation micro-steps per optimizer step")
-    lr: float = Field(default=1e-5, gt=0.0, le=10.0)
-    weight_decay: float = Field(default=0.1, ge=0.0, le=100.0)
-    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(default=0.98, ge=0.0, lt=1.0)
-    eps: float = Field(default=1e-6, gt=0.0, le=1.0)
+    lr: float = Field(default=1e-5, gt=0.0, le=10.0, description="peak AdamW learning rate (cosine schedule after warmup)")
+    weight_decay: float = Field(default=0.1, ge=0.0, le=100.0, description="AdamW weight decay")
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="AdamW beta1")
+    beta2: float = Field(default=0.98, ge=0.0, lt=1.0, description="AdamW beta2")
+    eps: float = Field(default=1e-6, gt=0.0, le=1.0, description="AdamW epsilon")
     warmup: float = Field(default=0.03, ge=0.0, le=MAX_STEPS, description="< 1: fraction of all steps; >= 1: steps")
-    grad_clip: float | None = Field(default=1.0, gt=0.0, le=1e6)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_clip: float | None = Field(default=1.0, gt=0.0, le=1e6,
+                                    description="clip the gradient norm to this; null: no clipping")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="autocast dtype; auto: bf16 on a GPU, fp32 on CPU")
     ssl_weight: float = Field(default=0.0, ge=0.0, le=1000.0, description="SLIP-style SimCLR image-image term")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="filled in when omitted")
     checkpoint_every: int = Field(default=200, ge=1, le=MAX_STEPS, description="optimizer steps between checkpoints")
     devices: int | None = Field(default=None, ge=1, le=64, description="processes for DDP (default: all GPUs, 1 on CPU)")
     compile: bool = Field(default=False, description="torch.compile the model (GPU)")
-    log_every: int = Field(default=10, ge=1, le=MAX_STEPS)
+    log_every: int = Field(default=10, ge=1, le=MAX_STEPS, description="optimizer steps between recorded training metrics")
 
 
 class ZeroShotSpec(_Strict):
-    name: DatasetName
+    name: DatasetName = Field(description="the data set's name in the results (at most 128 printable characters, no '/')")
     root: str = Field(min_length=1, description="ImageFolder root: one folder per class")
-    classnames: list[str] | None = Field(default=None, max_length=100_000)
-    templates: list[str] = Field(default_factory=lambda: ["a photo of a {c}."], min_length=1, max_length=1000)
+    classnames: list[str] | None = Field(default=None, max_length=100_000, description="class names in folder order; default the folder names")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {c}."], min_length=1, max_length=1000,
+                                 description="prompt templates; {c} is replaced by the class name")
 
 
 class RetrievalSpec(_Strict):
-    name: DatasetName
+    name: DatasetName = Field(description="the data set's name in the results (at most 128 printable characters, no '/')")
     data: str = Field(min_length=1, description="same formats as data.train")
-    csv_img_key: str | None = None
-    csv_caption_key: str | None = None
-    csv_separator: str | None = None
+    csv_img_key: str | None = Field(default=None, description="CSV image column (default filepath)")
+    csv_caption_key: str | None = Field(default=None, description="CSV caption column (default title)")
+    csv_separator: str | None = Field(default=None, description="CSV separator (default a tab)")
 
 
 class LinearProbeSpec(_Strict):
-    name: DatasetName
+    name: DatasetName = Field(description="the data set's name in the results (at most 128 printable characters, no '/')")
     train: str = Field(min_length=1, description="ImageFolder root")
     test: str = Field(min_length=1, description="ImageFolder root")
-    epochs: int = Field(default=100, ge=1, le=10_000)
-    weight_decay: float = Field(default=0.0, ge=0.0, le=100.0)
+    epochs: int = Field(default=100, ge=1, le=10_000, description="training epochs of the linear classifier")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=100.0, description="weight decay of the linear classifier")
 
 
 class EvalSpec(_Strict):
-    zeroshot: list[ZeroShotSpec] = Field(default_factory=list, max_length=32)
-    retrieval: list[RetrievalSpec] = Field(default_factory=list, max_length=32)
-    linear_probe: list[LinearProbeSpec] = Field(default_factory=list, max_length=32)
-    batch_size: int = Field(default=256, ge=1, le=65536)
+    zeroshot: list[ZeroShotSpec] = Field(default_factory=list, max_length=32, description="zero-shot classification sets")
+    retrieval: list[RetrievalSpec] = Field(default_factory=list, max_length=32, description="image-text retrieval sets")
+    linear_probe: list[LinearProbeSpec] = Field(default_factory=list, max_length=32, description="linear-probe sets (train and test)")
+    batch_size: int = Field(default=256, ge=1, le=65536, description="evaluation batch size")
+
+
+WEBHOOK_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.stage")
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage"]
+
+
+class WebhookSpec(_Strict):
+    url: str = Field(min_length=1, max_length=2048,
+                     description="http(s) URL the events are POSTed to, signed per Standard Webhooks; its host must "
+                     "be in the service's HELIP_WEBHOOK_ALLOWED_HOSTS")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["job.succeeded", "job.failed", "job.cancelled"], min_length=1,
+        description="which events to send: job.succeeded, job.failed, job.cancelled, job.stage (each stage start)")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 class JobSpec(_Strict):
-    model: ModelSpec
-    data: DataSpec
-    mining: MiningSpec = Field(default_factory=MiningSpec)
-    helip: HelipSpec = Field(default_factory=HelipSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
+    model: ModelSpec = Field(description="the CLIP model to boost")
+    data: DataSpec = Field(description="its training data: what hard pairs are mined from and trained on")
+    mining: MiningSpec = Field(default_factory=MiningSpec, description="hard pair mining")
+    helip: HelipSpec = Field(default_factory=HelipSpec, description="hard pairs in batches and the margin loss")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="the fine-tune")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="evaluation of baseline, control and boosted models")
     control: bool = Field(default=False, description="also run a plain fine-tune with the same steps")
+    name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX,
+                             description=f"a label for the job, returned with it (at most {NAME_MAX} characters)")
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"string labels returned with the job and filterable with GET /jobs?metadata.KEY=VALUE: at most "
+        f"{METADATA_MAX_KEYS} keys of 1-{METADATA_KEY_MAX} characters (letters, digits, _ . : -), values of at most "
+        f"{METADATA_VALUE_MAX} characters")
+
+    webhook: WebhookSpec | None = Field(default=None, description="where to POST signed job events (optional)")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_metadata(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":

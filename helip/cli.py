@@ -10,10 +10,13 @@ from typing import Optional
 
 import typer
 
+from helip.cli_jobs import app as jobs_app
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="helip: boost a trained CLIP model with hard pairs mined from its own data (HELIP).")
+app.add_typer(jobs_app, name="jobs", help="Drive a running helip API: submit, wait, list, show, events, metrics, cancel, download.")
 
 
 def _fail(exc: Exception) -> None:

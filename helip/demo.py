@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,10 @@ from typing import Any
 
 import httpx
 
+from api.schemas import JobPublic
+from helip.client import Client, HelipAPIError
 from helip.terminal import TerminalReporter, metrics_table
+from helip.watch import LiveLine
 
 # Sized so that the first run (world + base model + job) stays well under 10 minutes on 2 CPU cores:
 # a 5.2M-parameter ViT (most of it the token embedding) and a 5,000-pair world.
@@ -90,50 +92,22 @@ def local_service(env: dict[str, str], logs: Path, port: int, *, cwd: Path | Non
                 p.kill()
 
 
-def _fmt_eta(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds:
-        return "--:--"
-    seconds = int(max(0, seconds))
-    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+def _poll(client: Client, job_id: str) -> JobPublic:
+    """Show stage, step, loss and the whole job's ETA until the job ends (notable events above); return it."""
+    live, after = LiveLine(sys.stdout), None
 
+    def show(job: JobPublic) -> None:
+        nonlocal after
+        for ev in client.events(job_id, after=after):
+            after = ev.id
+            if ev.level in ("warning", "error") or ev.message.startswith(("mined", "embedded", "helip:", "control:")):
+                live.note(f"  [{ev.level}] {ev.message}")
+        live(job)
 
-def _poll(client: httpx.Client, job_id: str) -> dict:
-    """Show stage, step, loss and ETA until the job ends; return the final job."""
-    tty = sys.stdout.isatty()
-    last_line, last_print, seen_events = "", 0.0, None
-    started = time.time()
-    while True:
-        job = client.get(f"/jobs/{job_id}").json()
-        params = {"after": seen_events} if seen_events else {}
-        events = client.get(f"/jobs/{job_id}/events", params={**params, "limit": 100}).json().get("data", [])
-        for ev in events:
-            seen_events = ev["id"]
-            if ev.get("level") in ("warning", "error") or ev["message"].startswith(("mined", "embedded", "helip:",
-                                                                                       "control:")):
-                print(("\r" + " " * len(last_line) + "\r") if tty else "", end="")
-                _say(f"  [{ev.get('level', 'info')}] {ev['message']}")
-        prog = job.get("progress") or {}
-        status, stage = job["status"], job.get("stage") or "-"
-        line = f"  {status:9s} stage={stage:10s}"
-        if stage == "training" and prog.get("total_steps"):
-            line += f" {prog.get('run', '')} step {prog.get('step', 0)}/{prog['total_steps']}"
-            if prog.get("loss") is not None:
-                line += f" loss {prog['loss']:.3f}"
-        elif prog.get("total"):
-            line += f" {prog.get('done', 0)}/{prog['total']}"
-        eta = prog.get("eta_seconds") if status == "running" else None
-        line += f" ETA {_fmt_eta(eta)}  ({time.time() - started:.0f}s)"
-        if tty:
-            print("\r" + line.ljust(len(last_line)), end="", flush=True)
-        elif line != last_line and time.time() - last_print > 5:
-            _say(line)
-            last_print = time.time()
-        last_line = line
-        if status in ("succeeded", "failed", "cancelled"):
-            if tty:
-                print()
-            return job
-        time.sleep(1.0)
+    try:
+        return client.wait(job_id, show)
+    finally:
+        live.close()
 
 
 def run_demo(*, port: int, data_dir: Path) -> int:
@@ -165,33 +139,32 @@ def run_demo(*, port: int, data_dir: Path) -> int:
     logs = data_dir / "logs"
     with local_service(env, logs, port) as base_url:
         _say(f"    API {base_url} (logs in {logs})")
-        client = httpx.Client(base_url=base_url, timeout=30)
+        client = Client(base_url, timeout=30)
         spec = demo_spec(world, base)
-        resp = client.post("/jobs", json=spec)
-        if resp.status_code not in (200, 201):
-            _say(f"submission refused: {resp.status_code} {resp.text}")
+        try:
+            job = client.create(spec)
+        except HelipAPIError as exc:
+            _say(f"submission refused: {exc}")
             return 1
-        job = resp.json()
-        _say(f"4/4 job {job['id']} submitted: HELIP (3 hard pairs per target) and a plain fine-tune of equal length")
-        job = _poll(client, job["id"])
-        if job["status"] != "succeeded":
-            _say(f"job ended {job['status']}: {json.dumps(job.get('error'))}")
+        _say(f"4/4 job {job.id} submitted: HELIP (3 hard pairs per target) and a plain fine-tune of equal length")
+        job = _poll(client, job.id)
+        if job.status != "succeeded":
+            _say(f"job ended {job.status}: {job.error.model_dump_json() if job.error else None}")
             return 1
-        metrics = client.get(f"/jobs/{job['id']}/metrics").json().get("eval", {})
+        metrics = client.metrics(job.id).eval
         _say("\n" + metrics_table(metrics, keys=("acc1", "image_retrieval_recall@1", "image_retrieval_recall@5",
                                                     "text_retrieval_recall@1", "text_retrieval_recall@5")))
-        cks = client.get(f"/jobs/{job['id']}/checkpoints").json().get("data", [])
-        final = [c for c in cks if c.get("final") and c.get("run") == "helip"]
-        pairs = client.get(f"/jobs/{job['id']}/hard-pairs").json()
-        store = data_dir / "store" / "jobs" / job["id"]
+        final = [c for c in client.checkpoints(job.id) if c.final and c.run == "helip"]
+        pairs = client.http.get(f"/jobs/{job.id}/hard-pairs").json()
+        store = data_dir / "store" / "jobs" / job.id
         _say("")
         _say(f"boosted checkpoint: {store / 'checkpoints' / 'helip_final.pt'}")
         if final:
-            _say(f"                    {final[-1]['url']}")
+            _say(f"                    {final[-1].url}")
         _say(f"mined hard pairs:   {store / 'hard_pairs.parquet'}")
         _say(f"                    {pairs['url']}")
         _say(f"metrics:            {store / 'metrics.json'}")
-        _say(f"job:                {base_url}/jobs/{job['id']}")
+        _say(f"job:                {base_url}/jobs/{job.id}")
         _say(f"API docs:           {base_url}/docs")
         _say(f"demo took {time.time() - t0:.0f}s. The API stops with the demo; to browse the job and its links "
              f"again: HELIP_DATA_DIR={data_dir} helip serve --port {port}")

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=300,
         description="time budget of POST /jobs for checking that a job's locations exist (503 past it)",
     )
+    webhook_allowed_hosts: str | None = Field(
+        default=None, description="comma-separated hosts (name, or name:port) job webhooks may be sent to; none by default")
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120, description="connect / read / write bound per delivery")
+    webhook_backoff_seconds: float = Field(default=5.0, gt=0, description="wait after the first failed delivery (doubles)")
+    webhook_max_attempts: int = Field(default=8, ge=1, le=20, description="attempts before a delivery is marked failed")
 
     @model_validator(mode="after")
     def _defaults_and_safety(self) -> "Settings":

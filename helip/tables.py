@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-    UniqueConstraint,
+    UniqueConstraint, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -84,6 +84,11 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(255))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     progress: Mapped[dict[str, Any] | None]  # {stage, done, total, step, total_steps, eta_seconds}
+    name: Mapped[str | None] = mapped_column(String(200))  # spec.name
+    # spec.metadata, a string map; the attribute is `meta` because DeclarativeBase owns `metadata`
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict, server_default=text("'{}'"))
+    # the last event id the webhook dispatcher has turned into deliveries; NULL: no webhook, or all sent
+    webhook_cursor: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
@@ -161,3 +166,28 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (UniqueConstraint("job_id", "name"),)
+
+
+class WebhookDelivery(Base):
+    """One webhook message of a job (the outbox): sent until a 2xx answer, at least once, with backoff."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled | job.stage
+    dedupe_key: Mapped[str] = mapped_column(String(64))  # the event name, or stage:<event id>
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)  # the webhook-id header, the same on retries
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempt_log: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [{at, status_code, error, ms}]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "dedupe_key"),
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),  # the dispatcher's due scan
+    )

@@ -16,7 +16,7 @@ from helip.settings import Settings
 from helip.tables import Base
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = {"jobs", "events", "step_metrics", "eval_results", "checkpoints", "artifacts"}
+TABLES = {"jobs", "events", "step_metrics", "eval_results", "checkpoints", "artifacts", "webhook_deliveries"}
 
 
 def _diff(url: str) -> list:
@@ -58,7 +58,11 @@ def test_postgres_upgrade_downgrade_and_no_drift(make_pg_database) -> None:
 
 
 def test_alembic_command_line_with_x_url(make_pg_database) -> None:
+    from alembic.script import ScriptDirectory
+
     url = make_pg_database()
+    HEAD = ScriptDirectory.from_config(db.alembic_config(url)).get_current_head()  # noqa: N806
+    assert HEAD is not None
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     for args in (["upgrade", "head"], ["downgrade", "base"]):
         out = subprocess.run([sys.executable, "-m", "alembic", "-x", f"url={url}", *args], cwd=ROOT, env=env,
@@ -69,7 +73,7 @@ def test_alembic_command_line_with_x_url(make_pg_database) -> None:
             engine = create_engine(url)
             try:
                 with engine.connect() as conn:
-                    assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+                    assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == HEAD
             finally:
                 engine.dispose()
     assert _tables(url) == {"alembic_version"}

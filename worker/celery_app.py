@@ -10,6 +10,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from helip.queue import celery_config, send_run_job
 from helip.settings import Settings, get_settings
+import worker.webhooks  # noqa: F401 - its dispatcher thread starts and stops with the worker
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
@@ -15,6 +15,8 @@ from api.deps import ContextDep, OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.downloads import download_url
 from api.errors import ApiError, not_found
 from api.hard_pairs import hard_pairs_sample
+from api.job_filters import METADATA_FILTER_DOC, metadata_filters
+from api.webhook_check import check_webhook
 from api.schemas import (
     CheckpointPublic, CheckpointsPage, ErrorResponse, EventPublic, EventsPage, HardPairsPublic, JobCreate, JobPublic, JobsPage,
     MetricsPage, StepPublic,
@@ -35,6 +37,7 @@ ERRORS = {
     401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
     422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
 }
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 
@@ -78,10 +81,13 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
             return _same_request(existing, request_hash)
     check_locations(body, settings.access(), budget_seconds=settings.location_check_seconds)
     check_model(body, allowed_models=settings.allowed_model_prefixes())
+    check_webhook(body, settings)
     spec = resolve_spec(JobCreate.model_validate(submitted))
     try:
         job = crud.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
                               idempotency_key=idempotency_key or None, request_hash=request_hash)
+        job.name, job.meta = spec.name, dict(spec.metadata)
+        job.webhook_cursor = 0 if spec.webhook is not None else None  # the webhook dispatcher starts from here
         session.commit()  # the row exists before the worker can see the message
     except IntegrityError:
         session.rollback()  # a concurrent request with the same key won the insert
@@ -103,13 +109,15 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
     return job
 
 
-@router.get("", response_model=JobsPage, responses=ERRORS)
-def list_jobs(session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=64, description="id of the last job seen")] = None):
-    """The caller's jobs, newest first."""
+@router.get("", response_model=JobsPage, responses=ERRORS, openapi_extra=METADATA_FILTER_DOC)
+def list_jobs(request: Request, session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(max_length=64, description="id of the last job seen")] = None,
+              status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None):
+    """The caller's jobs, newest first; `status` and any number of `metadata.KEY=VALUE` (all must match) filter them."""
+    metadata = metadata_filters(request.query_params.multi_items())
     if after is not None and not _is_job_id(after):
         return {"data": [], "has_more": False}  # like any unknown cursor
-    jobs, has_more = crud.list_jobs(session, owner=owner, limit=limit, after=after)
+    jobs, has_more = crud.list_jobs(session, owner=owner, limit=limit, after=after, status=status, metadata=metadata)
     return {"data": jobs, "has_more": has_more}
 
 
