@@ -48,6 +48,10 @@ def _check_value(value: Any, where: str = "") -> None:
                 stack.append((x, f"{at}.{k}" if at else str(k)))
 
 
+NAME_MAX, METADATA_MAX_KEYS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 200, 32, 64, 512
+METADATA_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
 def check_metadata(value: dict[str, str]) -> dict[str, str]:
     """Job metadata within its bounds (key count, key characters and length, value length), else ValueError."""
     if len(value) > METADATA_MAX_KEYS:

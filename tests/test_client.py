@@ -196,7 +196,7 @@ def test_no_final_checkpoint_of_that_run_is_a_404(tmp_path: Path):
 def test_the_files_route_serves_byte_ranges(tmp_path: Path):
     from api.main import create_app
     from helip.settings import Settings
-    from helip.store import sign_key
+    from helip.links import sign_key
 
     settings = Settings(_env_file=None, data_dir=tmp_path, secret_key="s")
     path = tmp_path / "store" / "jobs" / "j" / "helip_final.pt"
