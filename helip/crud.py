@@ -58,9 +58,13 @@ def get_job_by_idempotency_key(session: Session, *, owner: str, key: str) -> Job
     return session.scalars(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).one_or_none()
 
 
-def list_jobs(session: Session, *, owner: str, limit: int = 20, after: str | None = None) -> tuple[list[Job], bool]:
-    """Newest first; `after` is the id of the last job of the previous page. Returns (jobs, has_more)."""
+def list_jobs(session: Session, *, owner: str, limit: int = 20, after: str | None = None,
+              status: str | None = None) -> tuple[list[Job], bool]:
+    """Newest first, only `status` when given; `after` is the id of the last job of the previous page.
+    Returns (jobs, has_more)."""
     stmt = select(Job).where(Job.owner == owner)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
     if after is not None:
         anchor = get_job(session, job_id=after, owner=owner)
         if anchor is None:

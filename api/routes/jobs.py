@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
@@ -35,6 +35,7 @@ ERRORS = {
     401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
     422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
 }
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 
@@ -104,11 +105,12 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
 
 @router.get("", response_model=JobsPage, responses=ERRORS)
 def list_jobs(session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=64, description="id of the last job seen")] = None):
+              after: Annotated[str | None, Query(max_length=64, description="id of the last job seen")] = None,
+              status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None):
     """The caller's jobs, newest first."""
     if after is not None and not _is_job_id(after):
         return {"data": [], "has_more": False}  # like any unknown cursor
-    jobs, has_more = crud.list_jobs(session, owner=owner, limit=limit, after=after)
+    jobs, has_more = crud.list_jobs(session, owner=owner, limit=limit, after=after, status=status)
     return {"data": jobs, "has_more": has_more}
 
 
