@@ -178,7 +178,7 @@ class Embeddings:
     valid: np.ndarray
 
     @classmethod
-    def open(cls, path: Path) -> "Embeddings":
+    def open(cls, path: Path) -> Embeddings:
         arrays = {}
         for name in ("text", "image", "valid"):
             dtype, shape, offset, fortran = _npz_member(path, f"{name}.npy")

@@ -29,7 +29,7 @@ class Indexes:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def get(self, job_id: str, spec: dict[str, Any], access: "Access") -> "PairIndex":
+    def get(self, job_id: str, spec: dict[str, Any], access: Access) -> PairIndex:
         hit = self._lru.get(job_id)
         if hit is not None:
             return hit
@@ -44,7 +44,7 @@ class Indexes:
         return hit
 
 
-def build_job_index(spec: dict[str, Any], access: "Access") -> "PairIndex":
+def build_job_index(spec: dict[str, Any], access: Access) -> PairIndex:
     from core.data import build_index
 
     d = spec["data"]
@@ -52,7 +52,7 @@ def build_job_index(spec: dict[str, Any], access: "Access") -> "PairIndex":
                        csv_separator=d["csv_separator"], max_caption_chars=d["max_caption_chars"], param="data.train")
 
 
-def render_thumbnail(index: "PairIndex", row: int, access: "Access", size: int) -> bytes:
+def render_thumbnail(index: PairIndex, row: int, access: Access, size: int) -> bytes:
     """The row's image scaled to fit size x size, as JPEG; core.data.BadSample when it cannot be read."""
     from core.data import load_image
 

@@ -100,10 +100,15 @@ def finished(service: Service, world) -> dict[str, Any]:  # noqa: F811
 
 
 def shot(browser, name: str) -> None:
+    """The whole page (the window made as tall as the page, up to 2400 px) into HELIP_UI_SCREENSHOTS."""
     where = os.environ.get("HELIP_UI_SCREENSHOTS")
     if where:
         Path(where).mkdir(parents=True, exist_ok=True)
+        height = browser.execute_script("return document.documentElement.scrollHeight")
+        browser.set_window_size(1366, min(max(int(height) + 120, 900), 2400))
+        time.sleep(0.3)
         browser.save_screenshot(str(Path(where) / name))
+        browser.set_window_size(1366, 900)
 
 
 def wait_for(browser, script: str, timeout: float = 60, what: str = "") -> Any:
@@ -155,7 +160,6 @@ def test_the_list_shows_the_finished_job(browser, service: Service, finished):
     assert finished["id"] not in browser.execute_script("return document.getElementById('jobs-table').innerText")
     goto(browser, service, "#/jobs")
     wait_for(browser, row)
-    shot(browser, "ui-jobs.png")
 
 
 def metrics_json(service: Service, s3, job_id: str) -> dict[str, Any]:
@@ -189,13 +193,17 @@ def test_the_job_page_draws_curves_and_the_lift_table_of_metrics_json(browser, s
     cells = browser.execute_script("""
         return [...document.querySelectorAll('#eval-table tbody tr')].map(tr => ({
           ds: tr.dataset.dataset, metric: tr.dataset.metric,
-          vals: Object.fromEntries([...tr.querySelectorAll('td[data-model]')].map(td => [td.dataset.model, td.innerText])),
-          lifts: Object.fromEntries([...tr.querySelectorAll('td[data-lift]')].map(td => [td.dataset.lift, [td.innerText, td.className]])),
+          vals: Object.fromEntries([...tr.querySelectorAll('td[data-model]')]
+            .map(td => [td.dataset.model, td.innerText])),
+          lifts: Object.fromEntries([...tr.querySelectorAll('td[data-lift]')]
+            .map(td => [td.dataset.lift, [td.innerText, td.className]])),
         }));""")
     assert len(cells) == sum(len(v) for v in doc["helip"].values()) > 0
     for c in cells:
         for model in ("baseline", "control", "helip"):
-            assert c["vals"][model] == f"{doc[model][c['ds']][c['metric']]:.4f}" == f"{api[model][c['ds']][c['metric']]:.4f}"
+            digits = 0 if c["metric"].startswith("n_") else 4  # counts (n_samples, n_bad) as integers
+            want = doc[model][c["ds"]][c["metric"]]
+            assert c["vals"][model] == f"{want:.{digits}f}" and want == api[model][c["ds"]][c["metric"]]
         for other in ("baseline", "control"):
             d = doc["lift"][f"helip_minus_{other}"][c["ds"]].get(c["metric"])
             text, cls = c["lifts"][other]
@@ -214,22 +222,24 @@ def test_the_job_page_draws_curves_and_the_lift_table_of_metrics_json(browser, s
 def test_the_hard_pair_browser_shows_a_target_and_its_neighbours_images(browser, service: Service, finished):
     job_id = finished["id"]
     use_key(browser, service, KEY, f"#/jobs/{job_id}/hard-pairs?row=17")
-    loaded = ("document.querySelectorAll('#neighbors img').length === 8 && "
-              "[...document.querySelectorAll('#target img, #neighbors img')].every(i => i.complete && i.naturalWidth > 0)")
+    loaded = ("document.querySelectorAll('#neighbors img').length === 8 && [...document.querySelectorAll("
+              "'#target img, #neighbors img')].every(i => i.complete && i.naturalWidth > 0)")
     wait_for(browser, loaded, what="the target's and 8 neighbours' thumbnails")
     api = service.http.get(f"/jobs/{job_id}/hard-pairs/17").json()
-    shown = browser.execute_script("return [...document.querySelectorAll('#neighbors li')].map(li => Number(li.dataset.row))")
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#neighbors li')].map(li => Number(li.dataset.row))")
     assert shown == [n["row"] for n in api["neighbors"]]
     text = browser.execute_script("return document.getElementById('pair-view').innerText")
     assert api["caption"] in text and api["neighbors"][0]["caption"] in text
     assert f"{api['neighbors'][0]['text_cosine']:.3f}" in text and f"{api['neighbors'][0]['image_cosine']:.3f}" in text
     assert "dropped as the same caption" in text
     # the highest-scored rows, then a random one, without reloading the page
+    target = "document.querySelector('#target h2')"
     browser.execute_script("window.__sameDocument = 1")
     first = browser.execute_script("return document.querySelector('#pick-highest a').getAttribute('href')")
     browser.execute_script("document.querySelector('#pick-highest a').click()")
     row = int(first.rsplit("=", 1)[1])
-    wait_for(browser, f"document.querySelector('#target h2') && document.querySelector('#target h2').innerText === 'Row {row}'")
+    wait_for(browser, f"{target} && {target}.innerText === 'Row {row}'")
     wait_for(browser, loaded)
     shot(browser, "ui-hard-pairs.png")
     before = browser.execute_script("return location.hash")
@@ -238,8 +248,8 @@ def test_the_hard_pair_browser_shows_a_target_and_its_neighbours_images(browser,
     deadline = time.monotonic() + 10
     while browser.execute_script("return location.hash") == before and time.monotonic() < deadline:
         time.sleep(0.1)
-    wait_for(browser, "document.getElementById('main').dataset.route === location.hash && "
-                      "document.querySelector('#target h2').innerText === 'Row ' + location.hash.split('=')[1]")
+    wait_for(browser, f"document.getElementById('main').dataset.route === location.hash && {target} && "
+                      f"{target}.innerText === 'Row ' + location.hash.split('=')[1]")
     assert browser.execute_script("return window.__sameDocument") == 1
 
 
@@ -276,3 +286,34 @@ def test_a_running_jobs_progress_advances_on_the_page(browser, service: Service,
     job = service.wait(job_id, lambda j: j["status"] in FINISHED, timeout=120, workers=[service.worker])
     assert job["status"] == "cancelled"
     wait_for(browser, "document.querySelector('#job-head .badge').innerText === 'cancelled'", what="cancelled shown")
+
+
+def test_a_refused_spec_shows_the_apis_error_next_to_its_field(browser, service: Service, world):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    use_key(browser, service, KEY, "#/jobs")
+    spec = job_spec(world, steps=5, checkpoint_every=5)
+    spec["train"]["batch_size"] = 31  # not a multiple of (1 + hard_per_target) x accum_steps = 2
+    text = json.dumps(spec, indent=1)
+    api = service.http.post("/jobs", json=spec)
+    assert api.status_code == 422 and api.json()["error"]["param"] == "train.batch_size"
+    browser.execute_script("document.getElementById('spec-text').value = arguments[0]", text)
+    browser.find_element(By.ID, "spec-submit").click()
+    wait_for(browser, "document.getElementById('spec-error').dataset.param", what="the field error")
+    error = browser.execute_script(
+        "const e = document.getElementById('spec-error'); return [e.dataset.param, e.innerText]")
+    message = api.json()["error"]["message"]  # "train.batch_size: train.batch_size (31) must be ..."
+    assert error[0] == "train.batch_size" and message.removeprefix("train.batch_size: ") in error[1]
+    # the field is selected in the pasted text: the "batch_size" key inside "train", not any other one
+    selected = browser.execute_script("const t = document.getElementById('spec-text'); "
+                                      "return [t.value.slice(t.selectionStart, t.selectionEnd), t.selectionStart]")
+    assert selected[0] == '"batch_size"' and selected[1] > text.index('"train"') and browser.execute_script(
+        "return document.getElementById('spec-text').getAttribute('aria-invalid')") == "true"
+    browser.execute_script("document.getElementById('spec-text').value = '{\"model\": '")
+    browser.find_element(By.ID, "spec-submit").click()
+    wait_for(browser, "document.getElementById('spec-error').dataset.param === 'body'", what="the JSON error")
+    browser.execute_script("document.getElementById('spec-text').value = arguments[0]", text)
+    browser.find_element(By.ID, "spec-submit").click()
+    wait_for(browser, "document.getElementById('spec-error').dataset.param === 'train.batch_size'")
+    browser.execute_script("window.scrollTo(0, 0)")
+    shot(browser, "ui-jobs.png")  # the list (a succeeded and a cancelled job) and the refused submission

@@ -3,12 +3,15 @@ the hard-pair browser's picks and rows, and thumbnails of a job's own training i
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Path as PathParam, Query, Request
-from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.openapi.docs import (
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -20,7 +23,6 @@ from api.thumbnails import Indexes, ThumbnailCache, render_thumbnail
 from core.errors import HelipError
 from helip import crud
 
-log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent.parent / "ui" / "static"
 SWAGGER = "/ui/static/vendor/swagger-ui"
 router = APIRouter(prefix="/jobs", tags=["dashboard"])
@@ -113,7 +115,8 @@ def hard_pair_rows(job_id: str, request: Request, session: SessionDep, owner: Ow
             "data": [{"row": r, "score": s} for r, s in picked]}
 
 
-def _captions(request: Request, job, settings, table: MinedTable, rows: list[int]) -> tuple[list[str | None], str | None]:  # noqa: ANN001
+def _captions(request: Request, job, settings, table: MinedTable,  # noqa: ANN001
+              rows: list[int]) -> tuple[list[str | None], str | None]:
     """Captions of `rows` from the job's index, or (Nones, why) when the data cannot be read now."""
     try:
         index = _dashboard(request).indexes.get(job.id, job.spec, settings.access())
@@ -181,7 +184,7 @@ def _neighbor_keys(table: MinedTable, rows: list[int]) -> list[str | None]:
     if not rows:
         return []
     got = pq.read_table(table.path, columns=["row", "key"], filters=[("row", "in", rows)])
-    keys = dict(zip(got.column("row").to_pylist(), got.column("key").to_pylist()))
+    keys = dict(zip(got.column("row").to_pylist(), got.column("key").to_pylist(), strict=True))
     return [keys.get(r) for r in rows]
 
 

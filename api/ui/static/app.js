@@ -77,6 +77,7 @@ H.loadImage = async function (img, path, owner) {
     const resp = await H.api(path, { raw: true });
     const url = URL.createObjectURL(await resp.blob());
     (owner || H.view).urls.push(url);
+    img.addEventListener("load", () => img.naturalWidth < img.width && img.classList.add("upscaled"), { once: true });
     img.src = url;
   } catch (e) {
     img.replaceWith(el("div", { class: "thumb-missing", role: "img", "aria-label": `image unavailable: ${e.message}` },
@@ -215,7 +216,7 @@ async function jobsPage(view, params) {
       el("td", {}, el("a", { href: `#/jobs/${job.id}` }, job.id)),
       el("td", {}, H.fmtTime(job.created_at)),
       el("td", {}, statusBadge(job.status)),
-      el("td", {}, job.stage || "–"),
+      el("td", {}, ACTIVE.has(job.status) ? job.stage || "–" : "–"),
       el("td", {}, prog.frac === null ? prog.text : el("span", {},
         el("progress", { max: "1", value: String(prog.frac), "aria-label": `progress of ${job.id}` }), " ", prog.text)),
       el("td", { class: lift ? `lift ${H.liftClass(lift.value)}` : "" },
@@ -237,20 +238,36 @@ async function jobsPage(view, params) {
 
 // -- submitting a spec ---------------------------------------------------------------------------------
 
-// Where a dotted field (train.batch_size, eval.zeroshot.0.root) is in the JSON text: [start, end] or null.
+// Where a dotted field (train.batch_size, eval.zeroshot.0.root) is in the JSON text: [start, end] of the
+// deepest key on that path, or null. Keys are matched by their place in the nesting, not by name alone.
 H.locateField = function (text, param) {
   if (!param) return null;
-  let from = 0, found = null;
-  for (const part of param.split(".")) {
-    if (/^\d+$/.test(part)) continue; // list positions: the next name is searched after the list's start
-    const re = new RegExp(`"${part.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}"\\s*:`, "g");
-    re.lastIndex = from;
-    const m = re.exec(text);
-    if (!m) return found;
-    found = [m.index, m.index + part.length + 2];
-    from = re.lastIndex;
+  const want = param.split(".");
+  const stack = []; // {obj: true, key} or {obj: false, index}
+  let best = null, bestDepth = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === '"') {
+      let j = i + 1;
+      while (j < text.length && text[j] !== '"') j += text[j] === "\\" ? 2 : 1;
+      let k = j + 1;
+      while (k < text.length && /\s/.test(text[k])) k++;
+      const top = stack[stack.length - 1];
+      if (text[k] === ":" && top && top.obj) {
+        top.key = text.slice(i + 1, j);
+        const path = stack.map((p) => (p.obj ? p.key : String(p.index)));
+        if (path.length >= bestDepth && path.length <= want.length && path.every((p, n) => p === want[n])) {
+          best = [i, j + 1];
+          bestDepth = path.length;
+        }
+      }
+      i = j;
+    } else if (c === "{") stack.push({ obj: true, key: null });
+    else if (c === "[") stack.push({ obj: false, index: 0 });
+    else if (c === "}" || c === "]") stack.pop();
+    else if (c === "," && stack.length && !stack[stack.length - 1].obj) stack[stack.length - 1].index++;
   }
-  return found;
+  return best;
 };
 
 function submitForm() {
@@ -292,11 +309,15 @@ function showSpecError(text, error, param, message) {
   const at = H.locateField(text.value, param);
   const line = at ? text.value.slice(0, at[0]).split("\n").length : null;
   error.dataset.param = param || "";
-  error.replaceChildren(el("strong", { class: "param" }, param || "spec"), `: ${message}`,
+  let said = message;
+  while (param && said.startsWith(`${param}: `)) said = said.slice(param.length + 2); // the field is shown once
+  error.replaceChildren(el("strong", { class: "param" }, param || "spec"), `: ${said}`,
     line ? el("span", { class: "muted" }, ` (line ${line}, selected)`) : "");
   if (at) {
     text.focus();
     text.setSelectionRange(at[0], at[1]);
+    const lineHeight = parseFloat(getComputedStyle(text).lineHeight) || 18;
+    text.scrollTop = Math.max(0, (line - 3) * lineHeight); // the selected field in view, not the end of the text
   }
 }
 

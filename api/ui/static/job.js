@@ -64,6 +64,15 @@
     return { data: [xs, ...cols], labels };
   }
 
+  // Axis numbers that stay distinct at any scale (a learning rate of 2e-5 is not "0").
+  function tick(v) {
+    if (v === null || v === undefined) return "";
+    const a = Math.abs(v);
+    if (a === 0) return "0";
+    if (a < 0.01 || a >= 1e5) return v.toExponential(1);
+    return String(Number(v.toPrecision(3)));
+  }
+
   function chart(holder, title, steps, keys, yLabel) {
     const { data, labels } = seriesData(steps, keys);
     const width = Math.max(280, Math.min(holder.clientWidth || 520, 560));
@@ -83,7 +92,7 @@
       return null;
     }
     const plot = new uPlot({ width, height: 200, series, scales: { x: { time: false } },
-      axes: [{ label: "step" }, { label: yLabel, size: 60 }], legend: { live: false } }, data, figure);
+      axes: [{ label: "step" }, { label: yLabel, size: 64, values: (u, vals) => vals.map(tick) }], legend: { live: false } }, data, figure);
     plot.root.querySelector("canvas").setAttribute("aria-label", `${title}: ${summary}`);
     plot.root.querySelector("canvas").setAttribute("role", "img");
     return { plot, keys };
@@ -127,7 +136,7 @@
         });
         rows.push(el("tr", { "data-dataset": ds, "data-metric": metric },
           el("th", { scope: "row" }, ds), el("th", { scope: "row" }, metric),
-          order.map((m) => el("td", { class: "num", "data-model": m }, H.fmtNum(val(m)))), lifts));
+          order.map((m) => el("td", { class: "num", "data-model": m }, metric.startsWith("n_") ? H.fmtNum(val(m), 0) : H.fmtNum(val(m)))), lifts));
       }
     }
     const liftHeads = ["baseline", "control"].filter((o) => o in evals && "helip" in evals).map((o) => `HELIP − ${o}`);
@@ -197,7 +206,7 @@
         ev.target.disabled = true;
         try { st.job = await H.api(`/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); paint(); } catch (e) { alert(e.message); }
       } }, "Cancel job") : null;
-      head.replaceChildren(el("p", {}, H.statusBadge(j.status), " ", j.stage ? `stage ${j.stage}` : "",
+      head.replaceChildren(el("p", {}, H.statusBadge(j.status), " ", j.stage && H.ACTIVE.has(j.status) ? `stage ${j.stage}` : "",
         ` · created ${H.fmtTime(j.created_at)} · attempt ${j.attempts} · seed ${j.seed} · `,
         el("a", { href: `#/jobs/${id}/hard-pairs`, id: "to-pairs" }, "Browse hard pairs"), " ", cancel),
         j.error ? el("p", { class: "error", role: "alert" }, `${j.error.code}: ${j.error.message}`) : "");
