@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import threading
 import zipfile
@@ -60,6 +59,12 @@ class LocalCopies:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._used: dict[str, int] = {}  # file name -> when this process last used it (a counter)
+        self._clock = 0
+
+    def _touch(self, name: str) -> None:
+        self._clock += 1
+        self._used[name] = self._clock
 
     def path(self, store: Store, key: str, sha256: str, size: int) -> Path | None:
         """None when the file is larger than the whole cache (the caller says what it cannot show)."""
@@ -73,22 +78,26 @@ class LocalCopies:
         dest = self.root / f"{sha256}{Path(key).suffix}"
         with self._lock:  # one download at a time: two requests for the same file fetch it once
             if dest.is_file() and dest.stat().st_size == size:
-                os.utime(dest)
+                self._touch(dest.name)
                 return dest
             self.root.mkdir(parents=True, exist_ok=True)
             self._make_room(size)
             tmp = dest.with_suffix(dest.suffix + ".part")
             store.get_file(key, tmp)
             tmp.replace(dest)
+            self._touch(dest.name)
             return dest
 
     def _make_room(self, size: int) -> None:
-        files = sorted((p for p in self.root.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        # least recently used first; files left by an earlier process (never used here) before any other
+        files = sorted((p for p in self.root.iterdir() if p.is_file()),
+                       key=lambda p: (self._used.get(p.name, 0), p.stat().st_mtime))
         total = sum(p.stat().st_size for p in files)
         while files and total + size > self.max_bytes:
             oldest = files.pop(0)
             total -= oldest.stat().st_size
             oldest.unlink(missing_ok=True)
+            self._used.pop(oldest.name, None)
 
 
 class MinedTable:
@@ -231,13 +240,13 @@ class JobData:
 
     def table(self, store: Store, key: str, sha256: str, size: int) -> MinedTable:
         hit = self._tables.get(sha256)
-        if hit is not None:
+        if hit is not None and hit.path.is_file():  # a copy dropped from the disk cache is fetched again
             return hit
         path = self.copies.path(store, key, sha256, size)
         if path is None:
             raise StorageError(f"the mined table ({size} bytes) is larger than the dashboard's cache")
         with self._lock:
-            return self._tables.get(sha256) or self._tables.put(sha256, MinedTable(path))
+            return self._tables.put(sha256, MinedTable(path))
 
     def embeddings(self, store: Store, key: str, sha256: str, size: int) -> Embeddings | None:
         """None when the file is too large to fetch or not in np.savez's uncompressed layout."""

@@ -58,7 +58,9 @@ def browser() -> Iterator[Any]:
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1366,900",
-                "--disable-gpu", "--no-first-run", "--disable-extensions", "--disable-background-networking"):
+                "--disable-gpu", "--no-first-run", "--disable-extensions", "--disable-background-networking",
+                # no host but loopback resolves: every page must work offline, from its own assets
+                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(options=opts, service=DriverService(executable_path=driver_path))
     driver.set_script_timeout(30)
@@ -160,6 +162,39 @@ def test_the_list_shows_the_finished_job(browser, service: Service, finished):
     assert finished["id"] not in browser.execute_script("return document.getElementById('jobs-table').innerText")
     goto(browser, service, "#/jobs")
     wait_for(browser, row)
+
+
+def test_docs_render_from_the_apis_own_assets(browser, service: Service):
+    browser.get(f"{service.base}/docs")
+    wait_for(browser, "document.querySelector('.swagger-ui .info .title')", what="Swagger UI")
+    assert "helip" in browser.execute_script("return document.querySelector('.swagger-ui .info .title').innerText")
+    wait_for(browser, "document.querySelectorAll('.opblock').length > 10", what="the operations")
+    hosts = browser.execute_script(
+        "return [...new Set(performance.getEntriesByType('resource').map(e => new URL(e.name).host))]")
+    assert hosts == [service.base.removeprefix("http://")], hosts
+
+
+def test_local_use_needs_no_key(browser, world, tmp_path: Path):  # noqa: F811
+    """Embedded defaults without HELIP_API_KEYS (what `make demo` runs): the page works with no key at all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELIP_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HELIP_DATA_DIR=str(tmp_path / "data"),
+               HELIP_ALLOWED_DATA=str(world.root))
+    (tmp_path / "data").mkdir()
+    local = Service(env, tmp_path)
+    try:
+        browser.get(f"{local.base}/ui/#/jobs")  # another origin: its sessionStorage holds no key
+        wait_for(browser, "document.querySelector('#jobs-table')", what="the empty list")
+        assert browser.execute_script("return sessionStorage.getItem('helip.apiKey')") is None
+        assert "No jobs." in browser.execute_script("return document.getElementById('jobs-table').innerText")
+        spec = job_spec(world, steps=2, checkpoint_every=2)
+        browser.execute_script("document.getElementById('spec-text').value = arguments[0]", json.dumps(spec))
+        browser.execute_script("document.getElementById('spec-submit').click()")
+        wait_for(browser, "/^#\\/jobs\\/job-[0-9a-f]{24}$/.test(location.hash) && document.querySelector('#job-head')",
+                 what="the new job's page")
+        job_id = browser.execute_script("return location.hash.split('/')[2]")
+        assert local.http.get(f"/jobs/{job_id}").json()["status"] == "queued"  # no worker here
+    finally:
+        local.close()
 
 
 def metrics_json(service: Service, s3, job_id: str) -> dict[str, Any]:
