@@ -27,8 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(files.router)
-    app.include_router(ui.router)
-    ui.install_pages(app)
+    ui.install(app, settings.data_dir)  # /ui/, /docs, and the dashboard's endpoints under /jobs/{id}/
     # Added last = runs first: refuse floods and oversized bodies before any work is done.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, rate_per_minute=settings.rate_limit_per_minute)

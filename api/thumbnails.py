@@ -48,8 +48,9 @@ def build_job_index(spec: dict[str, Any], access: Access) -> PairIndex:
     from core.data import build_index
 
     d = spec["data"]
-    return build_index(d["train"], access=access, csv_img_key=d["csv_img_key"], csv_caption_key=d["csv_caption_key"],
-                       csv_separator=d["csv_separator"], max_caption_chars=d["max_caption_chars"], param="data.train")
+    # the stored spec is resolved (every field filled in); a field a later version added takes its default
+    options = {k: d[k] for k in ("csv_img_key", "csv_caption_key", "csv_separator", "max_caption_chars") if k in d}
+    return build_index(d["train"], access=access, param="data.train", **options)
 
 
 def render_thumbnail(index: PairIndex, row: int, access: Access, size: int) -> bytes:

@@ -40,10 +40,7 @@ class Dashboard:
 
 
 def _dashboard(request: Request) -> Dashboard:
-    state = request.app.state
-    if getattr(state, "dashboard", None) is None:
-        state.dashboard = Dashboard(state.context.settings.data_dir)
-    return state.dashboard
+    return request.app.state.dashboard
 
 
 # -- pages -----------------------------------------------------------------------------------------------
@@ -76,7 +73,10 @@ def swagger_oauth2_redirect() -> HTMLResponse:
     return get_swagger_ui_oauth2_redirect_html()
 
 
-def install_pages(app: FastAPI) -> None:
+def install(app: FastAPI, data_dir: Path) -> None:
+    """The page routes, the static files, the JSON endpoints, and the app's dashboard caches (nothing opened yet)."""
+    app.state.dashboard = Dashboard(data_dir)
+    app.include_router(router)
     app.include_router(pages)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
 
