@@ -326,13 +326,20 @@ def test_a_running_jobs_progress_advances_on_the_page(browser, service: Service,
 def test_a_refused_spec_shows_the_apis_error_next_to_its_field(browser, service: Service, world):  # noqa: F811
     from selenium.webdriver.common.by import By
 
+    active = service.submit(job_spec(world, steps=2000, checkpoint_every=1000))  # the list refreshes while it runs
     use_key(browser, service, KEY, "#/jobs")
     spec = job_spec(world, steps=5, checkpoint_every=5)
     spec["train"]["batch_size"] = 31  # not a multiple of (1 + hard_per_target) x accum_steps = 2
     text = json.dumps(spec, indent=1)
     api = service.http.post("/jobs", json=spec)
     assert api.status_code == 422 and api.json()["error"]["param"] == "train.batch_size"
-    browser.execute_script("document.getElementById('spec-text').value = arguments[0]", text)
+    browser.execute_script("const t = document.getElementById('spec-text'); t.value = arguments[0]; t.focus();", text)
+    browser.execute_script("document.getElementById('jobs-table').dataset.seen = '1'")
+    # the table is refreshed (every 5 s while a job is active) ...
+    wait_for(browser, "!document.getElementById('jobs-table').dataset.seen", timeout=15, what="a refresh of the list")
+    # ... and what is being typed, and the focus, stay
+    assert browser.execute_script("return document.getElementById('spec-text').value") == text
+    assert browser.execute_script("return document.activeElement.id") == "spec-text"
     browser.find_element(By.ID, "spec-submit").click()
     wait_for(browser, "document.getElementById('spec-error').dataset.param", what="the field error")
     error = browser.execute_script(
@@ -351,4 +358,6 @@ def test_a_refused_spec_shows_the_apis_error_next_to_its_field(browser, service:
     browser.find_element(By.ID, "spec-submit").click()
     wait_for(browser, "document.getElementById('spec-error').dataset.param === 'train.batch_size'")
     browser.execute_script("window.scrollTo(0, 0)")
-    shot(browser, "ui-jobs.png")  # the list (a succeeded and a cancelled job) and the refused submission
+    shot(browser, "ui-jobs.png")  # the list (running, cancelled and succeeded jobs) and the refused submission
+    assert service.http.post(f"/jobs/{active}/cancel").status_code == 200
+    service.wait(active, lambda j: j["status"] in FINISHED, timeout=120, workers=[service.worker])

@@ -198,17 +198,7 @@ function statusBadge(status) {
 }
 H.statusBadge = statusBadge;
 
-async function jobsPage(view, params) {
-  const status = params.get("status") || "";
-  const after = params.get("after") || "";
-  const q = new URLSearchParams({ limit: "20" });
-  if (status) q.set("status", status);
-  if (after) q.set("after", after);
-  const page = await H.api(`/jobs?${q}`);
-  if (!view.alive) return;
-  const filter = el("select", { id: "status-filter", onchange: (ev) => {
-    location.hash = ev.target.value ? `#/jobs?status=${ev.target.value}` : "#/jobs";
-  } }, el("option", { value: "" }, "all"), STATUSES.map((s) => el("option", { value: s, selected: s === status }, s)));
+function jobsTable(page) {
   const rows = page.data.map((job) => {
     const prog = H.progressOf(job);
     const lift = H.headlineLift(job);
@@ -220,20 +210,48 @@ async function jobsPage(view, params) {
       el("td", {}, prog.frac === null ? prog.text : el("span", {},
         el("progress", { max: "1", value: String(prog.frac), "aria-label": `progress of ${job.id}` }), " ", prog.text)),
       el("td", { class: lift ? `lift ${H.liftClass(lift.value)}` : "" },
-        lift ? el("span", { title: `${lift.ds} ${lift.metric}, HELIP minus baseline` }, `${H.fmtSigned(lift.value)} `, el("small", {}, `${lift.ds} ${lift.metric}`)) : "–"));
+        lift ? el("span", { title: `${lift.ds} ${lift.metric}, HELIP minus baseline` }, `${H.fmtSigned(lift.value)} `,
+          el("small", {}, `${lift.ds} ${lift.metric}`)) : "–"));
   });
-  const table = el("table", { id: "jobs-table", class: "data" },
+  return el("table", { id: "jobs-table", class: "data" },
     el("caption", { class: "sr-only" }, "Your jobs, newest first"),
-    el("thead", {}, el("tr", {}, ["Job", "Created", "Status", "Stage", "Progress", "Lift (HELIP − baseline)"].map((h) => el("th", { scope: "col" }, h)))),
+    el("thead", {}, el("tr", {}, ["Job", "Created", "Status", "Stage", "Progress", "Lift (HELIP − baseline)"]
+      .map((h) => el("th", { scope: "col" }, h)))),
     el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: "6", class: "muted" }, "No jobs."))));
+}
+
+async function jobsPage(view, params) {
+  const status = params.get("status") || "";
+  const after = params.get("after") || "";
+  const q = new URLSearchParams({ limit: "20" });
+  if (status) q.set("status", status);
+  if (after) q.set("after", after);
+  const page = await H.api(`/jobs?${q}`);
+  if (!view.alive) return;
+  const filter = el("select", { id: "status-filter", onchange: (ev) => {
+    location.hash = ev.target.value ? `#/jobs?status=${ev.target.value}` : "#/jobs";
+  } }, el("option", { value: "" }, "all"), STATUSES.map((s) => el("option", { value: s, selected: s === status }, s)));
+  const holder = el("div", { id: "jobs-box" }, jobsTable(page));
   const base = status ? `#/jobs?status=${status}&` : "#/jobs?";
   const pager = el("nav", { class: "pager", "aria-label": "Pages" },
     after ? el("a", { href: status ? `#/jobs?status=${status}` : "#/jobs" }, "« Newest") : null,
     page.has_more && page.data.length ? el("a", { id: "older", href: `${base}after=${page.data[page.data.length - 1].id}` }, "Older »") : null);
   H.render("Jobs",
     el("div", { class: "toolbar" }, el("label", { for: "status-filter" }, "Status "), filter),
-    table, pager, submitForm());
-  if (page.data.some((j) => ACTIVE.has(j.status))) H.later(view, () => view.alive && route(), 5000);
+    holder, pager, submitForm());
+  // While a job on this page is active, only the table is refreshed: focus and a spec being typed stay.
+  async function refresh(current) {
+    if (!current.data.some((j) => ACTIVE.has(j.status))) return;
+    H.later(view, async () => {
+      try {
+        const next = await H.api(`/jobs?${q}`);
+        if (!view.alive) return;
+        holder.replaceChildren(jobsTable(next));
+        refresh(next);
+      } catch (e) { /* the next navigation shows errors */ }
+    }, 5000);
+  }
+  refresh(page);
 }
 
 // -- submitting a spec ---------------------------------------------------------------------------------

@@ -200,20 +200,28 @@
       el("h2", {}, "Evaluation"), evalBox, el("h2", {}, "Checkpoints"), ckBox, el("h2", {}, "Events"), eventsBox);
     let plots = drawCharts(chartBox, st.steps), layout = layoutOf(st.steps), stepsDrawn = st.steps.length;
 
+    let headSig = null, eventsShown = -1;
     function paint() {
       const j = st.job;
+      // Parts that hold focus or a scroll position are rebuilt only when what they show changed.
+      const sig = JSON.stringify([j.status, j.stage, j.attempts, j.error]);
+      const headChanged = sig !== headSig;
+      headSig = sig;
       const cancel = H.ACTIVE.has(j.status) && j.status !== "cancelling" ? el("button", { id: "cancel", type: "button", onclick: async (ev) => {
         ev.target.disabled = true;
         try { st.job = await H.api(`/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); paint(); } catch (e) { alert(e.message); }
       } }, "Cancel job") : null;
-      head.replaceChildren(el("p", {}, H.statusBadge(j.status), " ", j.stage && H.ACTIVE.has(j.status) ? `stage ${j.stage}` : "",
+      if (headChanged) head.replaceChildren(el("p", {}, H.statusBadge(j.status), " ", j.stage && H.ACTIVE.has(j.status) ? `stage ${j.stage}` : "",
         ` · created ${H.fmtTime(j.created_at)} · attempt ${j.attempts} · seed ${j.seed} · `,
         el("a", { href: `#/jobs/${id}/hard-pairs`, id: "to-pairs" }, "Browse hard pairs"), " ", cancel),
         j.error ? el("p", { class: "error", role: "alert" }, `${j.error.code}: ${j.error.message}`) : "");
       progress.replaceChildren(progressView(j));
       tl.replaceChildren(timelineView(j, st.events));
       evalBox.replaceChildren(evalView(st.evals));
-      eventsBox.replaceChildren(eventsView(st.events));
+      if (st.events.length !== eventsShown) {
+        eventsShown = st.events.length;
+        eventsBox.replaceChildren(eventsView(st.events));
+      }
       if (st.steps.length !== stepsDrawn) {
         stepsDrawn = st.steps.length;
         const now = layoutOf(st.steps);
