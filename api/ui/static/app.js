@@ -203,7 +203,8 @@ function jobsTable(page) {
     const prog = H.progressOf(job);
     const lift = H.headlineLift(job);
     return el("tr", { "data-job": job.id },
-      el("td", {}, el("a", { href: `#/jobs/${job.id}` }, job.id)),
+      el("td", {}, el("a", { href: `#/jobs/${job.id}` }, job.id),
+        job.spec && job.spec.name ? el("div", { class: "muted job-name" }, job.spec.name) : null),
       el("td", {}, H.fmtTime(job.created_at)),
       el("td", {}, statusBadge(job.status)),
       el("td", {}, ACTIVE.has(job.status) ? job.stage || "–" : "–"),

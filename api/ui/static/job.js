@@ -153,14 +153,16 @@
         el("span", { class: "lvl" }, e.level), " ", e.message)));
   }
 
-  function checkpointsView(cks) {
+  function checkpointsView(page) {
+    const cks = page.data || [];
     if (!cks.length) return el("p", { class: "muted" }, "No checkpoints yet.");
-    return el("table", { id: "checkpoints", class: "data" },
+    const more = page.has_more ? el("p", { class: "muted" }, "More checkpoints: GET /jobs/{id}/checkpoints with its cursor.") : null;
+    return el("div", {}, el("table", { id: "checkpoints", class: "data" },
       el("thead", {}, el("tr", {}, ["run", "step", "final", "size", "sha256", ""].map((h) => el("th", { scope: "col" }, h)))),
       el("tbody", {}, cks.map((c) => el("tr", {},
         el("td", {}, c.run), el("td", { class: "num" }, c.step), el("td", {}, c.final ? "final" : ""),
         el("td", { class: "num" }, `${(c.size / 1048576).toFixed(1)} MiB`), el("td", {}, el("code", {}, c.sha256.slice(0, 12))),
-        el("td", {}, el("a", { href: c.url, download: "" }, "download"))))));
+        el("td", {}, el("a", { href: c.url, download: "" }, "download")))))), more);
   }
 
   // -- the page and its polling ------------------------------------------------------------------------
@@ -187,7 +189,7 @@
     }
     await pull();
     if (!view.alive) return;
-    const cks = await H.api(`/jobs/${encodeURIComponent(id)}/checkpoints`).then((r) => r.data).catch(() => []);
+    const cks = await H.api(`/jobs/${encodeURIComponent(id)}/checkpoints`).catch(() => ({ data: [] }));
     if (!view.alive) return;
     const head = el("div", { id: "job-head" });
     const progress = el("div", { id: "progress" });
@@ -211,7 +213,8 @@
         ev.target.disabled = true;
         try { st.job = await H.api(`/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); paint(); } catch (e) { alert(e.message); }
       } }, "Cancel job") : null;
-      if (headChanged) head.replaceChildren(el("p", {}, H.statusBadge(j.status), " ", j.stage && H.ACTIVE.has(j.status) ? `stage ${j.stage}` : "",
+      if (headChanged) head.replaceChildren(el("p", {}, j.spec && j.spec.name ? el("strong", { class: "job-name" }, `${j.spec.name} `) : "",
+        H.statusBadge(j.status), " ", j.stage && H.ACTIVE.has(j.status) ? `stage ${j.stage}` : "",
         ` · created ${H.fmtTime(j.created_at)} · attempt ${j.attempts} · seed ${j.seed} · `,
         el("a", { href: `#/jobs/${id}/hard-pairs`, id: "to-pairs" }, "Browse hard pairs"), " ", cancel),
         j.error ? el("p", { class: "error", role: "alert" }, `${j.error.code}: ${j.error.message}`) : "");
@@ -239,7 +242,7 @@
         if (!view.alive) return;
         paint();
         if (wasActive && !H.ACTIVE.has(st.job.status)) {
-          const fresh = await H.api(`/jobs/${encodeURIComponent(id)}/checkpoints`).then((r) => r.data).catch(() => []);
+          const fresh = await H.api(`/jobs/${encodeURIComponent(id)}/checkpoints`).catch(() => ({ data: [] }));
           ckBox.replaceChildren(checkpointsView(fresh));
         }
       } catch (e) {
