@@ -304,6 +304,8 @@ def test_docs_and_the_dashboard_load_with_no_other_host(client: TestClient):
     assert "cdn" not in docs.lower() and "http://" not in docs and "https://" not in docs
     assert client.get("/redoc").status_code == 404
     assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/"
+    csp = client.get("/ui/").headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp
     js = client.get("/ui/static/app.js").text
     assert "http://" not in js and "https://" not in js
     uplot = client.get("/ui/static/vendor/uplot/uPlot.iife.min.js")

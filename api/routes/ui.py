@@ -14,6 +14,7 @@ from fastapi.openapi.docs import (
 )
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 
 from api.deps import OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.errors import ApiError
@@ -28,6 +29,52 @@ SWAGGER = "/ui/static/vendor/swagger-ui"
 router = APIRouter(prefix="/jobs", tags=["dashboard"])
 pages = APIRouter(include_in_schema=False)
 Row = Annotated[int, PathParam(ge=0, le=INT64_MAX, description="a training row number (0-based)")]
+
+
+class PickedRow(BaseModel):
+    row: int
+    score: float | None = Field(description="the row's best mined score (its first neighbour's)")
+
+
+class HardPairRows(BaseModel):
+    num_rows: int = Field(description="rows in the job's training index")
+    mined_rows: int = Field(description="rows that took part in mining (usable samples)")
+    data: list[PickedRow]
+
+
+class Neighbor(BaseModel):
+    row: int
+    key: str | None
+    caption: str | None = Field(description="null when the training data cannot be read now (see notes)")
+    score: float = Field(description="the mined score: text cosine x image cosine after the filters")
+    text_cosine: float | None = Field(description="from the job's stored embeddings; null when it kept none")
+    image_cosine: float | None
+
+
+class RowFilterCounts(BaseModel):
+    candidates: int = Field(description="other usable rows this row was compared with")
+    same_caption: int = Field(description="dropped: text cosine above mining.same_caption_threshold")
+    duplicate: int = Field(description="a cosine above mining.duplicate_threshold, zeroed")
+
+
+class Filters(BaseModel):
+    same_caption_threshold: float
+    duplicate_threshold: float
+    clamp_negative: bool
+    row: RowFilterCounts | None = Field(description="for this row; null when not computed (no embeddings, too big)")
+    job: dict[str, Any] = Field(description="the whole job's counts from its mining report")
+
+
+class HardPairRow(BaseModel):
+    row: int
+    key: str | None
+    caption: str | None
+    num_rows: int
+    top_k: int
+    neighbors: list[Neighbor] = Field(description="hardest first")
+    scores: list[str] = Field(description="which scores the neighbours carry: product, text_cosine, image_cosine")
+    notes: list[str] = Field(description="what could not be shown, and why")
+    filters: Filters
 
 
 class Dashboard:
@@ -51,10 +98,18 @@ def ui_root() -> RedirectResponse:
     return RedirectResponse("/ui/", status_code=307)
 
 
+# The page runs only its own scripts and talks only to this API: an injected script could not send the key
+# elsewhere. Images are blobs made from API responses; chart and layout code sets inline styles.
+PAGE_CSP = ("default-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self' blob:; "
+            "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
 @pages.get("/ui/", response_class=FileResponse)
 def ui_page() -> FileResponse:
     """The single page; it asks for the API key and calls the JSON endpoints with it."""
-    return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(STATIC / "index.html", media_type="text/html",
+                        headers={"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_CSP,
+                                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
 
 @pages.get("/docs", response_class=HTMLResponse)
@@ -101,7 +156,7 @@ def _row_of(table: MinedTable, row: int) -> int:
     return pos
 
 
-@router.get("/{job_id}/hard-pairs/rows", responses=ERRORS)
+@router.get("/{job_id}/hard-pairs/rows", response_model=HardPairRows, responses=ERRORS)
 def hard_pair_rows(job_id: str, request: Request, session: SessionDep, owner: OwnerDep, store: StoreDep,
                    order: Annotated[Literal["highest", "lowest", "random"], Query(
                        description="by the row's best neighbour score, or at random")] = "highest",
@@ -142,7 +197,7 @@ def _cosines(request: Request, session, store, job_id: str, row: int, rows: list
     return ct, cv, counts, None
 
 
-@router.get("/{job_id}/hard-pairs/{row}", responses=ERRORS)
+@router.get("/{job_id}/hard-pairs/{row}", response_model=HardPairRow, responses=ERRORS)
 def hard_pair_row(job_id: str, row: Row, request: Request, session: SessionDep, owner: OwnerDep,
                   settings: SettingsDep, store: StoreDep) -> dict[str, Any]:
     """One training row with its mined neighbours: captions, the stored product score, and the text and image
@@ -200,7 +255,8 @@ def thumbnail(job_id: str, row: Row, request: Request, session: SessionDep, owne
     if cached is None:
         cached = _render(dash, session, store, job, row, size, settings)
         dash.thumbnails.put((job.id, row, size), cached)
-    return Response(cached, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+    return Response(cached, media_type="image/jpeg",
+                    headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
 
 def _render(dash: Dashboard, session, store, job, row: int, size: int, settings) -> bytes:  # noqa: ANN001

@@ -33,15 +33,24 @@
         el("span", { class: "name" }, s), el("span", { class: "dur" }, "not yet"))));
   }
 
-  function progressView(job) {
-    const p = job.progress || {};
-    const prog = H.progressOf(job);
-    const eta = H.ACTIVE.has(job.status) && p.eta_seconds !== null && p.eta_seconds !== undefined ? `ETA ${H.fmtDuration(p.eta_seconds)} (this stage)` : "";
-    return el("div", { class: "progress-box" },
-      el("progress", { id: "progress-bar", max: "1", value: prog.frac === null ? null : String(prog.frac), "aria-label": "job progress" }),
-      el("span", { id: "progress-text", "aria-live": "polite" }, prog.text), " ",
-      el("span", { id: "eta", class: "muted" }, eta),
-      p.loss !== null && p.loss !== undefined ? el("span", { class: "muted" }, ` · loss ${H.fmtNum(p.loss)}`) : "");
+  // The progress line is built once and updated in place, so that its live region is read out as it changes.
+  function progressView() {
+    const bar = el("progress", { id: "progress-bar", max: "1", "aria-label": "job progress" });
+    const text = el("span", { id: "progress-text", "aria-live": "polite" });
+    const eta = el("span", { id: "eta", class: "muted" });
+    const loss = el("span", { class: "muted" });
+    const box = el("div", { class: "progress-box" }, bar, text, eta, loss);
+    box.update = (job) => {
+      const p = job.progress || {};
+      const prog = H.progressOf(job);
+      if (prog.frac === null) bar.removeAttribute("value");
+      else bar.value = prog.frac;
+      if (text.textContent !== prog.text) text.textContent = prog.text;
+      eta.textContent = H.ACTIVE.has(job.status) && p.eta_seconds !== null && p.eta_seconds !== undefined
+        ? `ETA ${H.fmtDuration(p.eta_seconds)} (this stage)` : "";
+      loss.textContent = p.loss !== null && p.loss !== undefined ? `loss ${H.fmtNum(p.loss)}` : "";
+    };
+    return box;
   }
 
   // -- curves ------------------------------------------------------------------------------------------
@@ -192,7 +201,8 @@
     const cks = await H.api(`/jobs/${encodeURIComponent(id)}/checkpoints`).catch(() => ({ data: [] }));
     if (!view.alive) return;
     const head = el("div", { id: "job-head" });
-    const progress = el("div", { id: "progress" });
+    const progressLine = progressView();
+    const progress = el("div", { id: "progress" }, progressLine);
     const tl = el("div", { id: "timeline-box" });
     const evalBox = el("div", { id: "eval-box" });
     const eventsBox = el("div", { id: "events-box", class: "scroll" });
@@ -218,7 +228,7 @@
         ` · created ${H.fmtTime(j.created_at)} · attempt ${j.attempts} · seed ${j.seed} · `,
         el("a", { href: `#/jobs/${id}/hard-pairs`, id: "to-pairs" }, "Browse hard pairs"), " ", cancel),
         j.error ? el("p", { class: "error", role: "alert" }, `${j.error.code}: ${j.error.message}`) : "");
-      progress.replaceChildren(progressView(j));
+      progressLine.update(j);
       tl.replaceChildren(timelineView(j, st.events));
       evalBox.replaceChildren(evalView(st.evals));
       if (st.events.length !== eventsShown) {
