@@ -166,6 +166,8 @@ def run_demo(*, port: int, data_dir: Path) -> int:
         _say(f"metrics:            {store / 'metrics.json'}")
         _say(f"job:                {base_url}/jobs/{job.id}")
         _say(f"API docs:           {base_url}/docs")
-        _say(f"demo took {time.time() - t0:.0f}s. The API stops with the demo; to browse the job and its links "
+        _say(f"dashboard:          {base_url}/ui/#/jobs/{job['id']} (hard pairs: .../hard-pairs)")
+        _say(f"demo took {time.time() - t0:.0f}s. The API stops with the demo; to see the job in the dashboard "
              f"again: HELIP_DATA_DIR={data_dir} helip serve --port {port}")
+        _say(f"then open {base_url}/ui/#/jobs/{job['id']}")
         return 0
