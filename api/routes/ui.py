@@ -32,23 +32,23 @@ Row = Annotated[int, PathParam(ge=0, le=INT64_MAX, description="a training row n
 
 
 class PickedRow(BaseModel):
-    row: int
+    row: int = Field(description="a training row number (0-based)")
     score: float | None = Field(description="the row's best mined score (its first neighbour's)")
 
 
 class HardPairRows(BaseModel):
     num_rows: int = Field(description="rows in the job's training index")
     mined_rows: int = Field(description="rows that took part in mining (usable samples)")
-    data: list[PickedRow]
+    data: list[PickedRow] = Field(description="the rows picked (by number, at random, or by best score)")
 
 
 class Neighbor(BaseModel):
-    row: int
-    key: str | None
+    row: int = Field(description="the neighbour's training row")
+    key: str | None = Field(description="its sample key or file path in the training data")
     caption: str | None = Field(description="null when the training data cannot be read now (see notes)")
     score: float = Field(description="the mined score: text cosine x image cosine after the filters")
     text_cosine: float | None = Field(description="from the job's stored embeddings; null when it kept none")
-    image_cosine: float | None
+    image_cosine: float | None = Field(description="from the job's stored embeddings; null when it kept none")
 
 
 class RowFilterCounts(BaseModel):
@@ -58,23 +58,23 @@ class RowFilterCounts(BaseModel):
 
 
 class Filters(BaseModel):
-    same_caption_threshold: float
-    duplicate_threshold: float
-    clamp_negative: bool
+    same_caption_threshold: float = Field(description="the job's mining.same_caption_threshold")
+    duplicate_threshold: float = Field(description="the job's mining.duplicate_threshold")
+    clamp_negative: bool = Field(description="the job's mining.clamp_negative")
     row: RowFilterCounts | None = Field(description="for this row; null when not computed (no embeddings, too big)")
     job: dict[str, Any] = Field(description="the whole job's counts from its mining report")
 
 
 class HardPairRow(BaseModel):
-    row: int
-    key: str | None
-    caption: str | None
-    num_rows: int
-    top_k: int
+    row: int = Field(description="the target's training row")
+    key: str | None = Field(description="its sample key or file path in the training data")
+    caption: str | None = Field(description="its caption; null when the training data cannot be read now")
+    num_rows: int = Field(description="rows in the job's training index")
+    top_k: int = Field(description="neighbours mined per row")
     neighbors: list[Neighbor] = Field(description="hardest first")
     scores: list[str] = Field(description="which scores the neighbours carry: product, text_cosine, image_cosine")
     notes: list[str] = Field(description="what could not be shown, and why")
-    filters: Filters
+    filters: Filters = Field(description="the mining filters and what they dropped")
 
 
 class Dashboard:
