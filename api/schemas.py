@@ -25,7 +25,7 @@ EXAMPLE_SPEC: dict[str, Any] = {
 
 
 class JobCreate(JobSpec):
-    """The body of POST /jobs: a job spec (CONTRACT.md). Unknown fields are an error."""
+    """The body of POST /jobs: a job spec (docs/spec.md). Unknown fields are an error."""
 
     model_config = ConfigDict(title="JobCreate", json_schema_extra={"examples": [EXAMPLE_SPEC]})
 
@@ -71,6 +71,7 @@ class JobPublic(BaseModel):
     progress: Progress | None = None
     attempts: int
     cancel_requested: bool
+    stored_bytes: int = Field(default=0, description="bytes of this job's checkpoints and files in the store")
 
 
 class JobsPage(BaseModel):
@@ -115,6 +116,7 @@ class Download(BaseModel):
 
 
 class CheckpointPublic(BaseModel):
+    id: int = Field(description="the cursor for the next page (`after`)")
     run: str
     step: int
     final: bool
@@ -128,6 +130,7 @@ class CheckpointPublic(BaseModel):
 
 class CheckpointsPage(BaseModel):
     data: list[CheckpointPublic]
+    has_more: bool
 
 
 class HardPairsSampleRow(BaseModel):

@@ -87,6 +87,11 @@ class TrainSpec(_Strict):
     ssl_weight: float = Field(default=0.0, ge=0.0, description="SLIP-style SimCLR image-image term")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="filled in when omitted")
     checkpoint_every: int = Field(default=200, ge=1, description="optimizer steps between checkpoints")
+    keep_states: int = Field(
+        default=2, ge=1, le=1000,
+        description="resumable training states (weights + optimizer) kept in the store per run; older ones are "
+                    "deleted once a newer one is stored, and all of a run's states once its final weights are",
+    )
     devices: int | None = Field(default=None, ge=1, description="processes for DDP (default: all GPUs, 1 on CPU)")
     compile: bool = Field(default=False, description="torch.compile the model (GPU)")
     log_every: int = Field(default=10, ge=1)

@@ -72,6 +72,13 @@ def list_jobs(session: Session, *, owner: str, limit: int = 20, after: str | Non
     return rows[:limit], len(rows) > limit
 
 
+def count_active_jobs(session: Session, *, owner: str) -> int:
+    """How many of `owner`'s jobs are queued, running or cancelling (the per-key quota counts these)."""
+    return int(session.scalar(
+        select(func.count(Job.id)).where(Job.owner == owner, Job.status.in_(ACTIVE_STATUSES))
+    ) or 0)
+
+
 def request_cancel(session: Session, *, job_id: str) -> str | None:
     """Cancel a job: queued -> cancelled at once, running -> cancelling (the worker finishes it).
 
@@ -328,22 +335,85 @@ def record_checkpoint(
         set_={c: stmt.excluded[c] for c in ("run", "step", "sha256", "size", "final", "metrics", "created_at")},
     )
     session.execute(stmt)
+    refresh_stored_bytes(session, job_id=job_id)
 
 
-def list_checkpoints(session: Session, *, job_id: str) -> list[Checkpoint]:
-    return list(session.scalars(
-        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.run, Checkpoint.step, Checkpoint.id)
-    ))
+def list_checkpoints(
+    session: Session, *, job_id: str, include_states: bool = True, after: int | None = None,
+    limit: int | None = None,
+) -> tuple[list[Checkpoint], bool]:
+    """Oldest first (by id); `after` is the id of the last checkpoint already read. Returns (rows, has_more)."""
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if not include_states:
+        stmt = stmt.where(Checkpoint.final.is_(True))
+    if after is not None:
+        stmt = stmt.where(Checkpoint.id > after)
+    stmt = stmt.order_by(Checkpoint.id)
+    if limit is None:
+        return list(session.scalars(stmt)), False
+    rows = list(session.scalars(stmt.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
 def latest_checkpoints(session: Session, *, job_id: str) -> dict[str, Checkpoint]:
     """The newest checkpoint of each run (highest step; a final one wins a tie): what a resumed job restores."""
     latest: dict[str, Checkpoint] = {}
-    for ck in list_checkpoints(session, job_id=job_id):
+    for ck in list_checkpoints(session, job_id=job_id)[0]:
         cur = latest.get(ck.run)
         if cur is None or (ck.step, ck.final) >= (cur.step, cur.final):
             latest[ck.run] = ck
     return latest
+
+
+def surplus_states(session: Session, *, job_id: str, keep: int, run: str | None = None) -> list[Checkpoint]:
+    """Training states (non-final rows) beyond the newest `keep` of each run, and every state of a run whose
+    final weights are recorded: what the store no longer needs to keep. Oldest first."""
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if run is not None:
+        stmt = stmt.where(Checkpoint.run == run)
+    rows = list(session.scalars(stmt.order_by(Checkpoint.run, Checkpoint.step.desc(), Checkpoint.id.desc())))
+    finished = {r.run for r in rows if r.final}
+    out: list[Checkpoint] = []
+    kept: dict[str, int] = {}
+    for r in rows:
+        if r.final:
+            continue
+        if r.run in finished or kept.get(r.run, 0) >= keep:
+            out.append(r)
+        else:
+            kept[r.run] = kept.get(r.run, 0) + 1
+    return sorted(out, key=lambda r: (r.step, r.id))
+
+
+def jobs_with_surplus_states(session: Session, *, limit: int = 1000) -> list[tuple[str, int]]:
+    """(job id, keep_states) of jobs holding more than one state of a run, or a state of a finished run."""
+    many = select(Checkpoint.job_id).where(Checkpoint.final.is_(False)).group_by(Checkpoint.job_id, Checkpoint.run) \
+        .having(func.count(Checkpoint.id) > 1)
+    final_runs = select(Checkpoint.job_id, Checkpoint.run).where(Checkpoint.final.is_(True)).subquery()
+    after_final = select(Checkpoint.job_id).join(
+        final_runs, and_(final_runs.c.job_id == Checkpoint.job_id, final_runs.c.run == Checkpoint.run),
+    ).where(Checkpoint.final.is_(False))
+    rows = session.execute(
+        select(Job.id, Job.spec).where(or_(Job.id.in_(many), Job.id.in_(after_final))).order_by(Job.id).limit(limit)
+    )
+    return [(job_id, int(((spec or {}).get("train") or {}).get("keep_states") or 2)) for job_id, spec in rows]
+
+
+def delete_checkpoint(session: Session, *, checkpoint_id: int) -> None:
+    """Forget one checkpoint row (its object is deleted first by the caller) and update the job's byte count."""
+    job_id = session.scalar(select(Checkpoint.job_id).where(Checkpoint.id == checkpoint_id))
+    session.execute(delete(Checkpoint).where(Checkpoint.id == checkpoint_id))
+    if job_id is not None:
+        refresh_stored_bytes(session, job_id=job_id)
+
+
+def refresh_stored_bytes(session: Session, *, job_id: str) -> None:
+    """jobs.stored_bytes = the sizes of the job's checkpoint and artifact rows (what it holds in the store)."""
+    held = (
+        func.coalesce(select(func.sum(Checkpoint.size)).where(Checkpoint.job_id == job_id).scalar_subquery(), 0)
+        + func.coalesce(select(func.sum(Artifact.size)).where(Artifact.job_id == job_id).scalar_subquery(), 0)
+    )
+    _cas(session, update(Job).where(Job.id == job_id).values(stored_bytes=held))
 
 
 def record_artifact(session: Session, *, job_id: str, name: str, key: str, sha256: str, size: int) -> None:
@@ -356,6 +426,7 @@ def record_artifact(session: Session, *, job_id: str, name: str, key: str, sha25
         set_={c: stmt.excluded[c] for c in ("key", "sha256", "size", "created_at")},
     )
     session.execute(stmt)
+    refresh_stored_bytes(session, job_id=job_id)
 
 
 def get_artifact(session: Session, *, job_id: str, name: str) -> Artifact | None:
@@ -367,7 +438,15 @@ def list_artifacts(session: Session, *, job_id: str) -> list[Artifact]:
 
 
 def delete_job(session: Session, *, job_id: str) -> None:
-    """Remove a job and all its rows (the store's files are the caller's business)."""
+    """Remove a job and all its rows (the store's objects are the caller's business: the API deletes them
+    after the commit, and the worker's store reaper removes any that a failure left behind)."""
     for table in (Event, StepMetric, EvalResult, Checkpoint, Artifact):
         session.execute(delete(table).where(table.job_id == job_id))
     session.execute(delete(Job).where(Job.id == job_id))
+
+
+def job_statuses(session: Session, *, job_ids: list[str]) -> dict[str, str]:
+    """{job id: status} for the ids that still have a job row."""
+    if not job_ids:
+        return {}
+    return {job_id: status for job_id, status in session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids)))}

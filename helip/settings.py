@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=600, ge=1)
     presign_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     queue_name: str = Field(default="celery", description="the Celery queue jobs are sent to")
+    max_active_jobs_per_key: int = Field(
+        default=20, ge=1, description="queued + running jobs one API key may have at once (more: 429)")
+    store_reap_seconds: float = Field(
+        default=600.0, gt=0,
+        description="how often each worker's reaper lists the store for objects no row accounts for")
 
     @model_validator(mode="after")
     def _defaults_and_safety(self) -> "Settings":

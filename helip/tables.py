@@ -84,11 +84,14 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(255))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     progress: Mapped[dict[str, Any] | None]  # {stage, done, total, step, total_steps, eta_seconds}
+    # bytes of the job's objects in the store (checkpoint and artifact rows), kept current by helip.crud
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
         Index("ix_jobs_owner_created", "owner", "created_at", "id"),  # GET /jobs, newest first
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),  # the reaper's stale scan
+        Index("ix_jobs_owner_status", "owner", "status"),  # the per-key quota of queued + running jobs
     )
 
 

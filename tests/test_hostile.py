@@ -477,7 +477,7 @@ def test_another_keys_job_is_404_everywhere_and_links_do_not_transfer(client: Te
     key = f"jobs/{job_id}/checkpoints/helip_step1.pt"
     sha, size = store.put_file(key, tmp_path / "ck.pt")
     with db.session_scope(settings) as s:
-        crud.record_checkpoint(s, job_id=job_id, run="helip", step=1, key=key, sha256=sha, size=size)
+        crud.record_checkpoint(s, job_id=job_id, run="helip", step=1, key=key, sha256=sha, size=size, final=True)
         crud.record_artifact(s, job_id=job_id, name="hard_pairs", key=key, sha256=sha, size=size)
     paths = ["", "/cancel", "/metrics", "/events", "/checkpoints", "/hard-pairs"]
     for path in paths:
@@ -516,7 +516,7 @@ def test_presigned_s3_links_from_the_api_expire(settings: Settings, s3, tree: di
         key = f"jobs/{job_id}/checkpoints/helip_step1.pt"
         sha, size = store.put_file(key, tmp_path / "ck.pt")
         with db.session_scope(s3_settings) as s:
-            crud.record_checkpoint(s, job_id=job_id, run="helip", step=1, key=key, sha256=sha, size=size)
+            crud.record_checkpoint(s, job_id=job_id, run="helip", step=1, key=key, sha256=sha, size=size, final=True)
         ck = c.get(f"/jobs/{job_id}/checkpoints", headers=auth()).json()["data"][0]
         assert c.get(f"/jobs/{job_id}/checkpoints", headers=auth(KEYS[1])).status_code == 404
     fresh = httpx.get(ck["url"], timeout=10)

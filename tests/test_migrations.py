@@ -69,7 +69,7 @@ def test_alembic_command_line_with_x_url(make_pg_database) -> None:
             engine = create_engine(url)
             try:
                 with engine.connect() as conn:
-                    assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+                    assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
             finally:
                 engine.dispose()
     assert _tables(url) == {"alembic_version"}

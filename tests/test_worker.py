@@ -150,19 +150,25 @@ def test_a_job_runs_once_and_records_rows_files_and_result(sessions, settings, s
     with sessions() as s:
         assert crud.eval_results(s, job_id=job_id) == {"baseline": {"shapes": {"acc1": 0.5}},
                                                       "helip": {"shapes": {"acc1": 0.75}}}
+    # the states at steps 2 and 4 were stored, then deleted once the final weights were (the state at the
+    # last step was not uploaded at all: the final weights follow it at once)
     cks = rows(sessions, Checkpoint, job_id)
-    assert [(c.step, c.final) for c in cks] == [(2, False), (4, False), (6, False), (6, True)]
-    # each checkpoint object holds the bytes of its step, with the recorded digest
-    for c in cks:
-        path = store.local_path(c.key)
-        assert sha(path) == c.sha256 and path.stat().st_size == c.size
-    assert store.local_path(cks[0].key).read_bytes() == b"state=2"
+    assert [(c.step, c.final) for c in cks] == [(6, True)]
+    stored = [e.data for e in rows(sessions, Event, job_id) if e.message.endswith("stored")]
+    assert [(d["step"], d["final"]) for d in stored] == [(2, False), (4, False), (6, True)]
+    assert not store.exists(stored[0]["key"]) and not store.exists(stored[1]["key"])
+    assert not (store.root / "jobs" / job_id / "states").exists() or not any(
+        p.is_file() for p in (store.root / "jobs" / job_id / "states").rglob("*"))
+    path = store.local_path(cks[0].key)
+    assert sha(path) == cks[0].sha256 and path.stat().st_size == cks[0].size and path.read_bytes() == b"final"
     arts = {a.name: a for a in rows(sessions, Artifact, job_id)}
-    assert set(arts) == {"embeddings", "hard_pairs", "eval:baseline", "metrics", "checkpoint:helip"}
-    assert arts["checkpoint:helip"].key == cks[-1].key  # the final checkpoint is not uploaded twice
+    # the final weights are a checkpoint row only, not also an artifact row
+    assert set(arts) == {"embeddings", "hard_pairs", "eval:baseline", "metrics"}
+    assert job.result["artifacts"]["checkpoint:helip"]["key"] == cks[0].key  # not uploaded twice
     assert store.local_path(arts["hard_pairs"].key).read_bytes() == b"pairs"
     assert job.result["artifacts"]["metrics"]["sha256"] == hashlib.sha256(b'{"helip": {}}').hexdigest()
-    assert job.result["metrics"]["helip"]["shapes"]["acc1"] == 0.75
+    assert "metrics" not in job.result  # the metrics are the eval rows and metrics.json, once each
+    assert job.stored_bytes == cks[0].size + sum(a.size for a in arts.values())
     assert isinstance(job.result["summary"]["where"], str)
     messages = [e.message for e in rows(sessions, Event, job_id)]
     assert "stage: training" in messages and "attempt 1 started" in messages

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
@@ -58,19 +59,28 @@ def _reaper_loop(settings: Settings) -> None:
 
     from helip import db
     from helip.reaper import reap
+    from helip.store import store_from_settings
+    from worker.retention import reap_store
 
     # Its own engine, not helip.db's process-wide one: children forked later must not inherit pooled
     # connections from the parent (two processes on one socket corrupt the protocol).
     db.ensure_schema(settings)
     engine = db.make_engine(str(settings.database_url))
     sessions = sessionmaker(bind=engine, expire_on_commit=False)
-    interval = max(1.0, min(settings.stale_after_seconds / 4, settings.requeue_queued_after_seconds / 4, 60.0))
+    interval = max(1.0, min(settings.stale_after_seconds / 4, settings.requeue_queued_after_seconds / 4,
+                            settings.store_reap_seconds, 60.0))
+    next_store_round = time.monotonic() + min(settings.store_reap_seconds, 60.0)
     while not _reaper_stop.wait(interval):
         try:
             report = reap(settings=settings, sessions=sessions, send=lambda job_id: send_run_job(app, job_id))
             if report.requeued or report.failed or report.cancelled or report.send_failed or report.resent:
                 log.warning("reaper: %s", report)
-        except Exception:  # the reaper must outlive a database hiccup; it retries next round
+            if time.monotonic() >= next_store_round:
+                next_store_round = time.monotonic() + settings.store_reap_seconds
+                removed = reap_store(sessions, store_from_settings(settings))
+                if removed:
+                    log.warning("store reaper: %s", removed)
+        except Exception:  # the reaper must outlive a database or store hiccup; it retries next round
             log.exception("reaper round failed")
         finally:
             # Hold no connection between rounds: a job child forked meanwhile must not inherit an open

@@ -17,6 +17,7 @@ from helip.store import Store, file_sha256, job_key
 # Evaluation caches (eval_<model>.json) are found by pattern, checkpoints come from the checkpoints table.
 RESUME_FILES = {"embeddings": "embeddings.npz", "hard_pairs": "hard_pairs.parquet"}
 EVAL_CACHE_GLOB = "eval_*.json"
+CHECKPOINT_ARTIFACT = "checkpoint:"  # core.pipeline's artifact names for each run's final weights
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,6 @@ class Stored:
 
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "sha256": self.sha256, "size": self.size}
-
-
-def checkpoint_key(job_id: str, run: str, step: int, *, final: bool) -> str:
-    """Every training state keeps its own object (the checkpoints list links each); the final one is named so."""
-    name = f"{run}_final.pt" if final else f"{run}_step{step:07d}.pt"
-    return job_key(job_id, "checkpoints", name)
 
 
 def checkpoint_workdir_path(workdir: Path, run: str, *, final: bool) -> Path:
@@ -140,16 +135,18 @@ class JobFiles:
         return restored
 
     def publish(self, artifacts: dict[str, Path]) -> dict[str, dict[str, Any]]:
-        """Upload the job's final artifacts and record a row for each.
+        """Upload the job's final artifacts and record a row for each; returns {name: {key, sha256, size}}.
 
         A file's key is its path inside the workdir, the same key its checkpoint or resume upload used,
-        so the final checkpoints and the hard pairs are not sent twice.
+        so the final checkpoints and the hard pairs are not sent twice. Final weights (`checkpoint:<run>`)
+        are checkpoint rows already (recorded when training ended), so they get no artifact row.
         """
         out: dict[str, dict[str, Any]] = {}
         for name, path in artifacts.items():
             path = Path(path)
             rel = path.relative_to(self.workdir).as_posix() if path.is_relative_to(self.workdir) else path.name
             stored = self.upload(path, job_key(self.job_id, rel))
-            self._record(name, stored)
+            if not name.startswith(CHECKPOINT_ARTIFACT):
+                self._record(name, stored)
             out[name] = stored.as_dict()
         return out

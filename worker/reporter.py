@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from helip import crud
 from worker import records
-from worker.files import JobFiles, checkpoint_key, json_safe
+from core.errors import StorageError
+from worker.files import JobFiles, json_safe
+from worker.retention import final_key, prune_states, state_key, fault_pause
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,15 @@ class DbReporter:
     """
 
     def __init__(self, *, sessions: sessionmaker[Session], lease: Lease, files: JobFiles,
-                 poll_seconds: float = 2.0, progress_seconds: float = 2.0,
+                 keep_states: int = 2, poll_seconds: float = 2.0, progress_seconds: float = 2.0,
                  clock: Callable[[], float] = time.monotonic,
                  retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)):
         self.sessions = sessions
         self.lease = lease
         self.job_id = lease.job_id
         self.files = files
+        self.keep_states = keep_states
+        self._totals: dict[str, int] = {}  # run -> its total steps, from the step reports
         self.poll_seconds = poll_seconds
         self.progress_seconds = progress_seconds
         self.clock = clock
@@ -164,6 +168,7 @@ class DbReporter:
         if self.lease.lost.is_set():
             return
         now = self.clock()
+        self._totals[run] = int(total)
         t0, s0 = self._run_t0.setdefault(run, (now, step))
         # ETA from this attempt's own pace: steps restored from a checkpoint cost nothing here.
         eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
@@ -177,9 +182,17 @@ class DbReporter:
 
     def checkpoint(self, run: str, step: int, path: Path, *, final: bool,
                    metrics: dict[str, Any] | None = None) -> None:
+        """Upload a state or the final weights and record its row; then delete the run's states the store no
+        longer needs (beyond `keep_states`, or all of them once the final weights are recorded)."""
         if self.lease.lost.is_set():
             return  # the new owner writes these keys now; do not overwrite its state with ours
-        stored = self.files.upload(Path(path), checkpoint_key(self.job_id, run, step, final=final))
+        if not final and step >= self._totals.get(run, step + 1) and not self._cancel:
+            return  # the state at the last step: the final weights follow at once and replace it
+        path = Path(path)
+        key = final_key(self.job_id, run, path.name) if final else state_key(self.job_id, run, step)
+        stored = self.files.upload(path, key)
+        if not final:
+            fault_pause("after_state_upload")
         extra = json_safe(metrics) if metrics else None
         self._write("checkpoint row", lambda s: crud.record_checkpoint(
             s, job_id=self.job_id, run=run, step=int(step), key=stored.key, sha256=stored.sha256, size=stored.size,
@@ -188,6 +201,12 @@ class DbReporter:
             s, job_id=self.job_id, message=f"{run}: {'final ' if final else ''}checkpoint at step {step} stored",
             data={"run": run, "step": int(step), "final": final, "key": stored.key, "sha256": stored.sha256,
                   "size": stored.size}))
+        if not final:
+            fault_pause("after_state_record")
+        try:
+            prune_states(self.sessions, self.files.store, job_id=self.job_id, keep=self.keep_states, run=run)
+        except (StorageError, OperationalError, InterfaceError):  # the store reaper deletes them later
+            log.exception("job %s: could not delete older training states of %s", self.job_id, run)
         self._sync_files()
 
     def eval_result(self, model: str, dataset: str, metrics: dict[str, float]) -> None:

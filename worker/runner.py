@@ -84,7 +84,9 @@ def execute_job(
     try:
         store = store or store_from_settings(settings)
         files = JobFiles(store=store, sessions=sessions, job_id=job_id, workdir=workdir)
-        reporter = DbReporter(sessions=sessions, lease=lease, files=files, poll_seconds=poll_seconds)
+        keep_states = int((spec.get("train") or {}).get("keep_states") or 2)
+        reporter = DbReporter(sessions=sessions, lease=lease, files=files, keep_states=keep_states,
+                              poll_seconds=poll_seconds)
         reporter.event(f"attempt {attempt} started", data={"attempt": attempt, "worker": worker_id})
         restored = files.restore()
         if restored:
@@ -97,7 +99,8 @@ def execute_job(
             return _lost(job_id)
         files.sync()
         artifacts = files.publish(dict(result.artifacts))
-        outcome = json_safe({"metrics": result.metrics, "summary": result.summary, "artifacts": artifacts})
+        # The metrics are the eval rows (GET /jobs/{id}/metrics) and the metrics.json artifact: not copied here.
+        outcome = json_safe({"summary": result.summary, "artifacts": artifacts})
         won = _commit(sessions, lambda s: crud.finish_job(s, job_id=job_id, status="succeeded", worker_id=worker_id,
                                                           result=outcome))
         return "succeeded" if won else _lost(job_id)

@@ -1,4 +1,4 @@
-"""The /jobs resource: submit, list, read, cancel, and a job's metrics, events, checkpoints and hard pairs."""
+"""The /jobs resource: submit, list, read, cancel, delete, and a job's metrics, events, checkpoints, hard pairs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
@@ -20,10 +20,12 @@ from api.schemas import (
     MetricsPage, StepPublic,
 )
 from api.validation import check_locations
+from core.errors import StorageError
 from core.spec import resolve_spec
 from helip import crud
 from helip.queue import send_run_job
-from helip.tables import Job
+from helip.store import job_key
+from helip.tables import FINISHED_STATUSES, Job
 
 log = logging.getLogger(__name__)
 JOB_ID = re.compile(r"job-[0-9a-f]{24}")
@@ -76,6 +78,12 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
         if existing is not None:
             response.status_code = 200
             return _same_request(existing, request_hash)
+    active = crud.count_active_jobs(session, owner=owner)
+    if active >= settings.max_active_jobs_per_key:
+        raise ApiError(429, "too_many_active_jobs",
+                       f"this API key has {active} queued or running jobs, the most allowed "
+                       f"(HELIP_MAX_ACTIVE_JOBS_PER_KEY={settings.max_active_jobs_per_key}); wait for one to "
+                       "finish or cancel one", headers={"Retry-After": "60"})
     check_locations(body, settings.access())
     spec = resolve_spec(JobCreate.model_validate(submitted))
     try:
@@ -152,15 +160,40 @@ def job_events(job_id: str, session: SessionDep, owner: OwnerDep,
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPage, responses=ERRORS)
 def job_checkpoints(job_id: str, request: Request, session: SessionDep, owner: OwnerDep, settings: SettingsDep,
-                    store: StoreDep):
-    """Every uploaded checkpoint with its step, metrics and an expiring download URL."""
+                    store: StoreDep,
+                    include: Annotated[Literal["states"] | None, Query(
+                        description="`states`: also list the resumable training states the store still keeps "
+                                    "(the newest `train.keep_states` of each unfinished run)")] = None,
+                    after: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="id of the last checkpoint seen")] = None,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    """The job's final weights (and with `?include=states` its training states), oldest first, each with its
+    step, metrics and an expiring download URL."""
     _owned(session, job_id, owner)
+    rows, has_more = crud.list_checkpoints(session, job_id=job_id, include_states=include == "states",
+                                           after=after, limit=limit)
     out = []
-    for ck in crud.list_checkpoints(session, job_id=job_id):
+    for ck in rows:
         url, expires = download_url(request, settings, store, ck.key)
-        out.append(CheckpointPublic(run=ck.run, step=ck.step, final=ck.final, metrics=ck.metrics, sha256=ck.sha256,
-                                    size=ck.size, created_at=ck.created_at, url=url, expires_at=expires))
-    return {"data": out}
+        out.append(CheckpointPublic(id=ck.id, run=ck.run, step=ck.step, final=ck.final, metrics=ck.metrics,
+                                    sha256=ck.sha256, size=ck.size, created_at=ck.created_at, url=url,
+                                    expires_at=expires))
+    return {"data": out, "has_more": has_more}
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses=ERRORS)
+def delete_job(job_id: str, session: SessionDep, owner: OwnerDep, store: StoreDep) -> Response:
+    """Delete a finished job: its rows, then its objects in the store. A queued or running job is a 409
+    (cancel it first)."""
+    job = _owned(session, job_id, owner)
+    if job.status not in FINISHED_STATUSES:
+        raise ApiError(409, "job_active", f"the job is {job.status}; cancel it and wait until it has finished")
+    crud.delete_job(session, job_id=job.id)
+    session.commit()
+    try:
+        store.delete_prefix(job_key(job.id))
+    except StorageError:  # the rows are gone: the worker's store reaper removes the objects later
+        log.exception("job %s deleted; its objects stay until the store reaper's next round", job.id)
+    return Response(status_code=204)
 
 
 @router.get("/{job_id}/hard-pairs", response_model=HardPairsPublic, responses=ERRORS)
