@@ -7,7 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.progress import Stage
 from core.spec import JobSpec
+from helip.tables import JobStatus
 
 # A complete, small job: the example shown in /docs for POST /jobs.
 EXAMPLE_SPEC: dict[str, Any] = {
@@ -43,7 +45,7 @@ class ErrorResponse(BaseModel):
 class Progress(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    stage: str | None = None
+    stage: Stage | None = None
     done: int | None = None
     total: int | None = None
     step: int | None = None
@@ -58,8 +60,8 @@ class JobPublic(BaseModel):
 
     id: str
     object: str = "job"
-    status: str = Field(description="queued | running | succeeded | failed | cancelling | cancelled")
-    stage: str | None = Field(default=None, description="while running: embedding | mining | training | evaluating")
+    status: JobStatus
+    stage: Stage | None = Field(default=None, description="the stage a running job is in")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

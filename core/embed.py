@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from core.data import PairDataset, PairIndex, collate_pairs
 from core.io import Access
 from core.models import LoadedModel
-from core.progress import Reporter
+from core.progress import Reporter, Stage
 from core.train import resolve_precision
 
 
@@ -61,7 +61,7 @@ def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device
         text[r], image[r], tokens[r] = txt, img, batch["texts"].numpy()
         done += len(r) + len(batch["bad_rows"])
         if reporter is not None:
-            reporter.progress("embedding", done, len(rows))
+            reporter.progress(Stage.EMBEDDING, done, len(rows))
     model.train(was_training)
     if text is None:
         from core.errors import DataError

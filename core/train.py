@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from core.data import PairDataset, PairIndex, collate_pairs
 from core.errors import DataError, JobCancelled
 from core.io import Access
+from core.layout import final_path, state_path
 from core.losses import HelipLoss, SimCLRLoss
 from core.models import LoadedModel, load_state, save_checkpoint, unwrap
 from core.progress import Reporter
@@ -130,14 +131,6 @@ def _micro_slices(batch_len: int, accum: int, group: int) -> list[slice]:
     per = groups // accum
     cuts = [i * per * group for i in range(accum)] + [batch_len]
     return [slice(cuts[i], cuts[i + 1]) for i in range(accum)]
-
-
-def state_path(workdir: Path, run: str) -> Path:
-    return Path(workdir) / "checkpoints" / f"{run}_latest.pt"
-
-
-def final_path(workdir: Path, run: str) -> Path:
-    return Path(workdir) / "checkpoints" / f"{run}_final.pt"
 
 
 def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: Access,

@@ -132,7 +132,7 @@ def migrate() -> None:
 @app.command()
 def reap() -> None:
     """Re-queue or fail running jobs whose worker stopped sending heartbeats."""
-    from helip.reaper import reap_stale_jobs
+    from worker.reaper import reap_stale_jobs
     from helip.settings import get_settings
 
     typer.echo(json.dumps(reap_stale_jobs(get_settings()), default=str))

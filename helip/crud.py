@@ -1,44 +1,21 @@
-"""Data functions over the service tables (keyword-only): jobs and their state changes, events, metrics, files.
-
-State changes that two processes may race on (claiming, finishing, re-queueing, cancelling) are single
-compare-and-set UPDATEs whose WHERE clause states the expected current state; they return whether they won.
+"""Data functions over the service tables (keyword-only): reading jobs, and a job's events, step metrics,
+evaluation results, checkpoints and artifacts. A job's state changes are helip.transitions'.
 Functions flush but never commit: the caller owns the transaction.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from helip.tables import (
-    ACTIVE_STATUSES, FINISHED_STATUSES, Artifact, Checkpoint, EvalResult, Event, Job, StepMetric, new_job_id,
-    utcnow,
-)
-
-def _cas(session: Session, stmt) -> int:  # noqa: ANN001 - an UPDATE
-    """Run an UPDATE and return how many rows it changed; "fetch" keeps Job objects in the session current."""
-    return session.execute(stmt, execution_options={"synchronize_session": "fetch"}).rowcount
+from helip.tables import ACTIVE_STATUSES, Artifact, Checkpoint, EvalResult, Event, Job, StepMetric, utcnow
 
 
 # -- jobs ----------------------------------------------------------------------------------------------
-
-
-def create_job(
-    session: Session, *, owner: str, spec: dict[str, Any], seed: int,
-    idempotency_key: str | None = None, request_hash: str | None = None,
-) -> Job:
-    """Insert a queued job; the caller commits before sending its id to the queue."""
-    job = Job(
-        id=new_job_id(), owner=owner, status="queued", spec=spec, seed=seed, created_at=utcnow(),
-        idempotency_key=idempotency_key, request_hash=request_hash, attempts=0, cancel_requested=False,
-    )
-    session.add(job)
-    session.flush()
-    return job
 
 
 def get_job(session: Session, *, job_id: str, owner: str | None = None) -> Job | None:
@@ -77,137 +54,6 @@ def count_active_jobs(session: Session, *, owner: str) -> int:
     return int(session.scalar(
         select(func.count(Job.id)).where(Job.owner == owner, Job.status.in_(ACTIVE_STATUSES))
     ) or 0)
-
-
-def request_cancel(session: Session, *, job_id: str) -> str | None:
-    """Cancel a job: queued -> cancelled at once, running -> cancelling (the worker finishes it).
-
-    Returns the status after the call, or None when the job had already finished (the caller answers 409).
-    """
-    now = utcnow()
-    won = _cas(
-        session,
-        update(Job).where(Job.id == job_id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now)
-    )
-    if won:
-        return "cancelled"
-    won = _cas(
-        session,
-        update(Job).where(Job.id == job_id, Job.status.in_(("running", "cancelling")))
-        .values(status="cancelling", cancel_requested=True)
-    )
-    if won:
-        return "cancelling"
-    return None
-
-
-def claim_job(
-    session: Session, *, job_id: str, worker_id: str, stale_after_seconds: float, max_attempts: int | None = None,
-) -> Job | None:
-    """Take a job for this worker: queued -> running, or running with a stale heartbeat -> running again.
-
-    attempts counts claims (1 on the first run). A redelivered message for a job that is running elsewhere,
-    finished or cancelled claims nothing and gets None: a job never runs twice at once.
-    """
-    now = utcnow()
-    stale = now - timedelta(seconds=stale_after_seconds)
-    taken_over = and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
-    if max_attempts is not None:
-        taken_over = and_(taken_over, Job.attempts < max_attempts)
-    won = _cas(
-        session,
-        update(Job).where(Job.id == job_id, or_(Job.status == "queued", taken_over))
-        .values(
-            status="running", attempts=Job.attempts + 1, worker_id=worker_id, heartbeat_at=now,
-            started_at=func.coalesce(Job.started_at, now),
-        )
-    )
-    if not won:
-        return None
-    return refresh_job(session, job_id=job_id)
-
-
-def heartbeat(session: Session, *, job_id: str, worker_id: str) -> bool:
-    """Refresh the heartbeat; False when this worker no longer owns the job (it was re-claimed or finished)."""
-    return bool(_cas(
-        session,
-        update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(("running", "cancelling")))
-        .values(heartbeat_at=utcnow())
-    ))
-
-
-def set_stage(session: Session, *, job_id: str, stage: str) -> None:
-    _cas(session, update(Job).where(Job.id == job_id).values(stage=stage))
-
-
-def set_progress(session: Session, *, job_id: str, progress: dict[str, Any], stage: str | None = None) -> None:
-    """Store the progress object {stage, done, total, step, total_steps, eta_seconds} (and the stage)."""
-    values: dict[str, Any] = {"progress": progress}
-    if stage is not None:
-        values["stage"] = stage
-    _cas(session, update(Job).where(Job.id == job_id).values(**values))
-
-
-def is_cancel_requested(session: Session, *, job_id: str) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
-def finish_job(
-    session: Session, *, job_id: str, status: str, worker_id: str | None = None,
-    error: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
-) -> bool:
-    """Move an active job to a final status; with `worker_id`, only if that worker still owns it."""
-    if status not in FINISHED_STATUSES:
-        raise ValueError(f"not a final status: {status}")
-    stmt = update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
-    if worker_id is not None:
-        stmt = stmt.where(Job.worker_id == worker_id)
-    values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
-    if error is not None:
-        values["error"] = error
-    if result is not None:
-        values["result"] = result
-    return bool(_cas(session, stmt.values(**values)))
-
-
-def find_stale_jobs(session: Session, *, stale_after_seconds: float, now: datetime | None = None) -> list[Job]:
-    """Running or cancelling jobs whose heartbeat is older than `stale_after_seconds`: their worker is gone."""
-    stale = (now or utcnow()) - timedelta(seconds=stale_after_seconds)
-    return list(session.scalars(
-        select(Job).where(
-            Job.status.in_(("running", "cancelling")),
-            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-        ).order_by(Job.heartbeat_at)
-    ))
-
-
-def requeue_job(session: Session, *, job_id: str, stale_after_seconds: float) -> bool:
-    """Stale running -> queued (the reaper then sends the task again); False if someone else moved it first."""
-    stale = utcnow() - timedelta(seconds=stale_after_seconds)
-    return bool(_cas(
-        session,
-        update(Job).where(
-            Job.id == job_id, Job.status == "running",
-            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-        ).values(status="queued", worker_id=None)
-    ))
-
-
-def queued_jobs(session: Session, *, created_before: datetime, limit: int = 1000) -> list[Job]:
-    """Queued jobs older than `created_before`, oldest first: the reaper checks whether their message was lost."""
-    return list(session.scalars(
-        select(Job).where(Job.status == "queued", Job.created_at < created_before)
-        .order_by(Job.created_at).limit(limit)
-    ))
-
-
-def lock_queued_job(session: Session, *, job_id: str) -> Job | None:
-    """The job row locked for this transaction if it is still queued (Postgres: others skip it, SQLite: no-op)."""
-    return session.scalars(
-        select(Job).where(Job.id == job_id, Job.status == "queued")
-        .with_for_update(skip_locked=True).execution_options(populate_existing=True)
-    ).one_or_none()
 
 
 def events_with_prefix(session: Session, *, job_id: str, prefixes: tuple[str, ...]) -> tuple[int, datetime | None]:
@@ -413,7 +259,8 @@ def refresh_stored_bytes(session: Session, *, job_id: str) -> None:
         func.coalesce(select(func.sum(Checkpoint.size)).where(Checkpoint.job_id == job_id).scalar_subquery(), 0)
         + func.coalesce(select(func.sum(Artifact.size)).where(Artifact.job_id == job_id).scalar_subquery(), 0)
     )
-    _cas(session, update(Job).where(Job.id == job_id).values(stored_bytes=held))
+    session.execute(update(Job).where(Job.id == job_id).values(stored_bytes=held),
+                    execution_options={"synchronize_session": "fetch"})
 
 
 def record_artifact(session: Session, *, job_id: str, name: str, key: str, sha256: str, size: int) -> None:

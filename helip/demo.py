@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from helip.tables import FINISHED_STATUSES, JobStatus
 from helip.terminal import TerminalReporter, metrics_table
 
 # Sized so that the first run (world + base model + job) stays well under 10 minutes on 2 CPU cores:
@@ -121,7 +122,7 @@ def _poll(client: httpx.Client, job_id: str) -> dict:
                 line += f" loss {prog['loss']:.3f}"
         elif prog.get("total"):
             line += f" {prog.get('done', 0)}/{prog['total']}"
-        eta = prog.get("eta_seconds") if status == "running" else None
+        eta = prog.get("eta_seconds") if status == JobStatus.RUNNING else None
         line += f" ETA {_fmt_eta(eta)}  ({time.time() - started:.0f}s)"
         if tty:
             print("\r" + line.ljust(len(last_line)), end="", flush=True)
@@ -129,7 +130,7 @@ def _poll(client: httpx.Client, job_id: str) -> dict:
             _say(line)
             last_print = time.time()
         last_line = line
-        if status in ("succeeded", "failed", "cancelled"):
+        if status in FINISHED_STATUSES:
             if tty:
                 print()
             return job
@@ -173,7 +174,7 @@ def run_demo(*, port: int, data_dir: Path) -> int:
         job = resp.json()
         _say(f"4/4 job {job['id']} submitted: HELIP (3 hard pairs per target) and a plain fine-tune of equal length")
         job = _poll(client, job["id"])
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.SUCCEEDED:
             _say(f"job ended {job['status']}: {json.dumps(job.get('error'))}")
             return 1
         metrics = client.get(f"/jobs/{job['id']}/metrics").json().get("eval", {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -25,9 +26,19 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
-ACTIVE_STATUSES = ("queued", "running", "cancelling")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+class JobStatus(StrEnum):
+    """A job's status; the column stores the value. Transitions live in helip.transitions."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING)
+FINISHED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class UTCDateTime(TypeDecorator):
@@ -68,8 +79,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
     owner: Mapped[str] = mapped_column(String(64))  # sha256 of the API key, or "local"
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    stage: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)  # a JobStatus value
+    stage: Mapped[str | None] = mapped_column(String(16))  # a core.progress.Stage value while running
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from helip import crud, db
+from helip import crud, db, transitions
 from helip.settings import Settings
 from helip.store import FileStore
 
@@ -228,11 +228,11 @@ def test_cancel_queued_then_running(client: TestClient, settings: Settings, data
     # a running job goes to cancelling; the worker finishes it
     running = client.post("/jobs", json=make_spec(data_dir), headers=h).json()["id"]
     with db.session_scope(settings) as s:
-        assert crud.claim_job(s, job_id=running, worker_id="w-test", stale_after_seconds=60) is not None
+        assert transitions.claim_job(s, job_id=running, worker_id="w-test", stale_after_seconds=60) is not None
     r = client.post(f"/jobs/{running}/cancel", headers=h)
     assert r.json()["status"] == "cancelling" and r.json()["cancel_requested"] is True
     with db.session_scope(settings) as s:
-        assert crud.finish_job(s, job_id=running, status="cancelled", worker_id="w-test")
+        assert transitions.finish_job(s, job_id=running, status="cancelled", worker_id="w-test")
     assert client.get(f"/jobs/{running}", headers=h).json()["status"] == "cancelled"
 
 

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import update
 
 from core.spec import resolve_spec
-from helip import crud, db
+from helip import db, transitions
 from helip.settings import Settings
 from helip.tables import Job, utcnow
 from tests.test_service_e2e import FINISHED, KEY, Service, assert_steps_once, job_spec
@@ -218,7 +218,7 @@ def _insert(settings: Settings, spec: dict[str, Any], **values: Any) -> str:
     """A job row as a vanished worker would leave it (no queue message: only the reaper can move it)."""
     resolved = resolve_spec(spec).model_dump(mode="json")
     with db.session_scope(settings) as s:
-        job = crud.create_job(s, owner=OWNER, spec=resolved, seed=int(resolved["train"]["seed"]))
+        job = transitions.create_job(s, owner=OWNER, spec=resolved, seed=int(resolved["train"]["seed"]))
         s.execute(update(Job).where(Job.id == job.id).values(**values))
         return job.id
 
@@ -251,7 +251,7 @@ def test_reaper_finds_vanished_workers_and_lost_messages(service: Service, world
 
 
 def test_resend_waits_double_after_each_send_and_stop_doubling():
-    from helip.reaper import MAX_RESEND_DOUBLINGS, resend_due
+    from worker.reaper import MAX_RESEND_DOUBLINGS, resend_due
 
     t0 = utcnow()
     for sends in range(10):

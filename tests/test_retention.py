@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import create_engine, update
 from sqlalchemy.orm import sessionmaker
 
-from helip import crud, db
+from helip import crud, db, transitions
 from helip.store import FileStore, job_key
 from helip.tables import Job
 from worker.retention import list_keys, prune_states, reap_store, state_key
@@ -32,7 +32,7 @@ def store(tmp_path: Path) -> FileStore:
 
 def new_job(sessions, status: str = "running") -> str:
     with sessions() as s:
-        job = crud.create_job(s, owner="local", spec=SPEC, seed=1)
+        job = transitions.create_job(s, owner="local", spec=SPEC, seed=1)
         s.execute(update(Job).where(Job.id == job.id).values(status=status))
         s.commit()
         return job.id

@@ -58,7 +58,7 @@ def _reaper_loop(settings: Settings) -> None:
     from sqlalchemy.orm import sessionmaker
 
     from helip import db
-    from helip.reaper import reap
+    from worker.reaper import reap
     from helip.store import store_from_settings
     from worker.retention import reap_store
 
@@ -91,7 +91,7 @@ def _reaper_loop(settings: Settings) -> None:
 @worker_ready.connect
 def _start_reaper(sender=None, **_: object) -> None:
     # A daemon thread in the worker's main process (not celery beat): every worker reaps, and the
-    # compare-and-set updates in helip.reaper make concurrent reapers harmless.
+    # compare-and-set updates in helip.transitions make concurrent reapers harmless.
     _reaper_stop.clear()
     threading.Thread(target=_reaper_loop, args=(get_settings(),), name="helip-reaper", daemon=True).start()
 

@@ -9,14 +9,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import layout
 from core.errors import StorageError
 from helip import crud
 from helip.store import Store, file_sha256, job_key
 
-# What core.pipeline.run_job reuses from its workdir, by artifact name -> path inside the workdir.
-# Evaluation caches (eval_<model>.json) are found by pattern, checkpoints come from the checkpoints table.
-RESUME_FILES = {"embeddings": "embeddings.npz", "hard_pairs": "hard_pairs.parquet"}
-EVAL_CACHE_GLOB = "eval_*.json"
+# What core.pipeline.run_job reuses from its workdir, by artifact name -> path inside the workdir (core.layout).
+# Evaluation caches are found by pattern, checkpoints come from the checkpoints table.
+RESUME_FILES = {"embeddings": layout.EMBEDDINGS, "hard_pairs": layout.HARD_PAIRS}
 CHECKPOINT_ARTIFACT = "checkpoint:"  # core.pipeline's artifact names for each run's final weights
 
 
@@ -32,7 +32,7 @@ class Stored:
 
 def checkpoint_workdir_path(workdir: Path, run: str, *, final: bool) -> Path:
     """Where core.train looks for a run's state (resume) or its final weights (training skipped)."""
-    return Path(workdir) / "checkpoints" / (f"{run}_final.pt" if final else f"{run}_latest.pt")
+    return layout.final_path(workdir, run) if final else layout.state_path(workdir, run)
 
 
 def json_safe(value: Any) -> Any:
@@ -82,8 +82,8 @@ class JobFiles:
     def resumable(self) -> dict[str, Path]:
         """The resume files present in the workdir now, by artifact name."""
         found = {name: self.workdir / rel for name, rel in RESUME_FILES.items() if (self.workdir / rel).is_file()}
-        for path in sorted(self.workdir.glob(EVAL_CACHE_GLOB)):
-            found[f"eval:{path.stem.removeprefix('eval_')}"] = path
+        for path in sorted(self.workdir.glob(layout.EVAL_CACHE_GLOB)):
+            found[f"eval:{layout.eval_cache_model(path)}"] = path
         return found
 
     def sync(self) -> list[str]:
@@ -116,7 +116,7 @@ class JobFiles:
                 wanted.append((name, self.workdir / rel, artifacts[name], {}))
         for name, stored in artifacts.items():
             if name.startswith("eval:"):
-                wanted.append((name, self.workdir / f"eval_{name.removeprefix('eval:')}.json", stored, {}))
+                wanted.append((name, layout.eval_cache_path(self.workdir, name.removeprefix("eval:")), stored, {}))
         for run, (step, final, stored) in checkpoints.items():
             dest = checkpoint_workdir_path(self.workdir, run, final=final)
             wanted.append((f"checkpoint:{run}", dest, stored, {"run": run, "step": step, "final": final}))

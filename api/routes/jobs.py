@@ -22,10 +22,10 @@ from api.schemas import (
 from api.validation import check_locations
 from core.errors import StorageError
 from core.spec import resolve_spec
-from helip import crud
+from helip import crud, transitions
 from helip.queue import send_run_job
 from helip.store import job_key
-from helip.tables import FINISHED_STATUSES, Job
+from helip.tables import FINISHED_STATUSES, Job, JobStatus
 
 log = logging.getLogger(__name__)
 JOB_ID = re.compile(r"job-[0-9a-f]{24}")
@@ -85,9 +85,9 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
                        f"(HELIP_MAX_ACTIVE_JOBS_PER_KEY={settings.max_active_jobs_per_key}); wait for one to "
                        "finish or cancel one", headers={"Retry-After": "60"})
     check_locations(body, settings.access())
-    spec = resolve_spec(JobCreate.model_validate(submitted))
+    spec = resolve_spec(body)  # FastAPI parsed the body once (the API's door); this only fills in the seed
     try:
-        job = crud.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
+        job = transitions.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
                               idempotency_key=idempotency_key or None, request_hash=request_hash)
         session.commit()  # the row exists before the worker can see the message
     except IntegrityError:
@@ -101,7 +101,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
         send_run_job(context.celery, job.id, queue=settings.queue_name)
     except Exception as exc:  # noqa: BLE001 - any broker failure: the job must not stay queued forever
         log.exception("could not queue %s", job.id)
-        crud.finish_job(session, job_id=job.id, status="failed",
+        transitions.finish_job(session, job_id=job.id, status=JobStatus.FAILED,
                         error={"code": "queue_unavailable", "message": f"the job queue is unreachable: {exc}",
                                "param": None})
         session.commit()
@@ -129,7 +129,7 @@ def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
 def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
     """queued -> cancelled at once; running -> cancelling (the worker stops at its next check); finished -> 409."""
     job = _owned(session, job_id, owner)
-    if crud.request_cancel(session, job_id=job.id) is None:
+    if transitions.request_cancel(session, job_id=job.id) is None:
         raise ApiError(409, "job_finished", f"the job already finished ({job.status})")
     session.commit()
     return crud.refresh_job(session, job_id=job.id)
