@@ -8,6 +8,7 @@ from api.deps import ServiceContext
 from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, RateLimitMiddleware
 from api.routes import files, health, jobs
+from helip.entry import configure_process
 from helip.settings import Settings, get_settings
 
 DESCRIPTION = (
@@ -19,6 +20,7 @@ DESCRIPTION = (
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app on `settings` (default: the environment). Connects to nothing until the first request."""
+    configure_process()
     settings = settings or get_settings()
     app = FastAPI(title="helip", version="0.1.0", description=DESCRIPTION)
     app.state.context = ServiceContext(settings)

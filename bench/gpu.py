@@ -1,4 +1,4 @@
-"""The one GPU script: items 1-3 on the accelerator (H200), compared with ../shared/ANCHORS.md, in < 7 minutes.
+"""The one GPU script: items 1-3 on the accelerator (H200), compared with the reference figures in ANCHORS below, in < 7 minutes.
 
 Writes $OUT/gpu.json after every measurement (a timeout keeps what was done) and prints a line per step.
 Phases run in priority order, each only when the time left (--budget) allows it: encode rates,
@@ -30,7 +30,7 @@ import torch
 
 from bench.common import machine, write_json
 
-# ../shared/ANCHORS.md (H200, torch 2.11, eager unless said, bf16 autocast, random weights).
+# Reference figures measured elsewhere on an H200 (torch 2.11, eager unless said, bf16 autocast, random weights).
 ANCHORS = {
     "encode_vit_b_32_images_per_s": 22_700,
     "encode_vit_b_32_texts_per_s": 28_300,

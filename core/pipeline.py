@@ -75,7 +75,8 @@ def _check_bad(index: PairIndex, spec: JobSpec, reporter: Reporter) -> None:
                         f"{list(index.bad.items())[:3]}", param="data.max_bad_fraction")
 
 
-def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: Path) -> LoadedModel:
+def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: Path,
+           weights_cache: Path | None) -> LoadedModel:
     enc = spec.mining.encoder
     if enc == "self":
         return loaded
@@ -83,6 +84,7 @@ def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: 
         raise SpecError("mining.encoder 'unimodal' (sentence-transformers + DINOv2) is not available in this "
                         "version; use 'self' or an open_clip model name", param="mining.encoder")
     return load_model(enc, pretrained=spec.mining.encoder_pretrained, access=access, device=device,
+                      weights_cache=weights_cache,
                       cache_dir=workdir / layout.WEIGHTS_CACHE_DIR, param_prefix="mining.encoder")
 
 
@@ -114,24 +116,30 @@ def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, dev
 
 
 def _train(plan: RunPlan, spec: JobSpec, index: PairIndex, neighbors, tokens, access: Access, device,
-           workdir: Path, reporter: Reporter) -> Path:
+           workdir: Path, reporter: Reporter, *, cpu_processes: int, weights_cache: Path | None) -> Path:
     if final_path(workdir, plan.run).exists():
         return final_path(workdir, plan.run)
-    world = world_size_for(spec, device)
+    world = world_size_for(spec, device, cpu_processes)
     if world > 1:
         from core.distributed import train_distributed
 
         train_distributed(world, device.type, reporter, plan=plan, spec=spec, index=index, neighbors=neighbors,
                           tokens=tokens, access=access, workdir=str(workdir))
         return final_path(workdir, plan.run)
-    loaded = model_from_spec(spec.model, access=access, device=device, cache_dir=workdir / layout.WEIGHTS_CACHE_DIR)
+    loaded = model_from_spec(spec.model, access=access, device=device, cache_dir=workdir / layout.WEIGHTS_CACHE_DIR,
+                             weights_cache=weights_cache)
     return train_run(plan, loaded=loaded, index=index, access=access, neighbors=neighbors, spec=spec,
                      workdir=workdir, reporter=reporter, device=device, tokens=tokens)
 
 
 def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None, reporter: Reporter,
-            device: str | None = None, mine_only: bool = False) -> JobResult:
-    """Run the whole job (or only embedding + mining) and write its artifacts under `workdir`."""
+            device: str | None = None, mine_only: bool = False, cpu_processes: int = 1,
+            weights_cache: Path | None = None) -> JobResult:
+    """Run the whole job (or only embedding + mining) and write its artifacts under `workdir`.
+
+    `cpu_processes`: DDP processes on a CPU-only machine when the spec does not say; `weights_cache`: where
+    open_clip's tagged weights are cached (both from helip's Settings, given by the caller).
+    """
     spec = resolve_spec(spec)
     access = access or Access()
     workdir = Path(workdir)
@@ -144,7 +152,8 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
                                               "device": str(dev)})
 
     # Fail fast on the model (an uncached tag offline, a bad checkpoint) before reading any data.
-    loaded = model_from_spec(spec.model, access=access, device=dev, cache_dir=workdir / layout.WEIGHTS_CACHE_DIR)
+    loaded = model_from_spec(spec.model, access=access, device=dev, cache_dir=workdir / layout.WEIGHTS_CACHE_DIR,
+                             weights_cache=weights_cache)
     index = _index(spec, access)
     reporter.event(f"indexed {len(index)} training pairs", data=index.report())
 
@@ -158,7 +167,7 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
             index.mark_bad(int(row), "unreadable image (found while embedding)")
         reporter.event("embeddings restored from a previous attempt")
     else:
-        miner = _miner(spec, loaded, access, dev, workdir)
+        miner = _miner(spec, loaded, access, dev, workdir, weights_cache)
         emb = embed_pairs(miner, index, access, device=dev, batch_size=spec.mining.batch_size,
                           workers=spec.data.workers, precision=spec.train.precision, reporter=reporter)
         save_embeddings(emb_path, emb, index.valid_mask())
@@ -196,7 +205,8 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     del loaded
     for plan in runs:
         artifacts[f"checkpoint:{plan.run}"] = _train(plan, spec, index, mined.neighbors, tokens, access, dev,
-                                                     workdir, reporter)
+                                                     workdir, reporter, cpu_processes=cpu_processes,
+                                                     weights_cache=weights_cache)
     timings["training"] = time.perf_counter() - t2
 
     reporter.stage(Stage.EVALUATING)
@@ -205,7 +215,8 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     models = [("baseline", spec.model.pretrained)] + [(p.run, str(final_path(workdir, p.run))) for p in runs]
     for name, weights in models:
         m = load_model(spec.model.name, config=spec.model.config, pretrained=weights,
-                       access=access if name == "baseline" else Access(), device=dev, cache_dir=workdir / layout.WEIGHTS_CACHE_DIR)
+                       access=access if name == "baseline" else Access(), device=dev,
+                       cache_dir=workdir / layout.WEIGHTS_CACHE_DIR, weights_cache=weights_cache)
         metrics[name] = _evaluate(name, m, spec, access, dev, workdir, reporter)
         del m
     timings["evaluating"] = time.perf_counter() - t3

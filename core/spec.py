@@ -1,4 +1,4 @@
-"""The job spec: one document for `POST /jobs`, `helip run` and `GET /jobs/{id}` (see CONTRACT.md).
+"""The job spec: one document for `POST /jobs`, `helip run` and `GET /jobs/{id}` (field reference: docs/spec.md).
 
 Every field has a default except `model.name` and `data.train`; unknown fields are an error.
 `resolve_spec` fills the defaults and the seed and checks values that depend on each other, and
@@ -134,7 +134,11 @@ class JobSpec(_Strict):
     helip: HelipSpec = Field(default_factory=HelipSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    control: bool = Field(default=False, description="also run a plain fine-tune with the same steps")
+    control: bool = Field(
+        default=True,
+        description="also fine-tune without hard pairs, with the same steps and batch size, and evaluate it: the "
+                    "lift over that control is what says whether the hard pairs helped (doubles the training cost)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":

@@ -66,7 +66,7 @@ class World:
     counts: dict[str, int] = field(default_factory=dict)
 
     def eval_spec(self) -> dict[str, Any]:
-        """The `eval` section of a job spec (CONTRACT.md) pointing at this world's evaluation splits."""
+        """The `eval` section of a job spec (docs/spec.md) pointing at this world's evaluation splits."""
         return {
             "zeroshot": [{
                 "name": ZEROSHOT_NAME,

@@ -10,7 +10,9 @@ from typing import Optional
 
 import typer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from helip.entry import configure_process
+
+configure_process()  # the CLI is an entry point: offline hub, quiet random-init warning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="helip: boost a trained CLIP model with hard pairs mined from its own data (HELIP).")
@@ -24,8 +26,16 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _core_options() -> dict:
+    """What core.pipeline.run_job takes from the settings (HELIP_CPU_PROCESSES, HELIP_WEIGHTS_CACHE)."""
+    from helip.settings import get_settings
+
+    settings = get_settings()
+    return {"cpu_processes": settings.cpu_processes, "weights_cache": settings.weights_cache}
+
+
 @app.command()
-def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (CONTRACT.md)"),
+def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (docs/spec.md)"),
         out: Path = typer.Option(..., "--out", help="output directory (re-running resumes from it)"),
         device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: first GPU, else CPU)"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars")) -> None:
@@ -39,7 +49,7 @@ def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (CONTRACT.
     try:
         job = load_spec_file(spec)
         with TerminalReporter(quiet=quiet) as rep:
-            res = run_job(job, out, reporter=rep, device=device)
+            res = run_job(job, out, reporter=rep, device=device, **_core_options())
     except HelipError as exc:
         _fail(exc)
     print_metrics(res.metrics)
@@ -62,7 +72,7 @@ def mine(spec: Path = typer.Argument(..., help="job spec, JSON or YAML"),
     try:
         job = load_spec_file(spec)
         with TerminalReporter(quiet=quiet) as rep:
-            res = run_job(job, out, reporter=rep, device=device, mine_only=True)
+            res = run_job(job, out, reporter=rep, device=device, mine_only=True, **_core_options())
     except HelipError as exc:
         _fail(exc)
     typer.echo(json.dumps(res.summary["mining"], indent=1, default=str))

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # core.io is imported lazily: settings must stay importable w
 
 
 class Settings(BaseSettings):
-    """Everything the API, the worker and the CLI read from the environment (see CONTRACT.md)."""
+    """Everything the API, the worker and the CLI read from the environment (README, "Configuration")."""
 
     model_config = SettingsConfigDict(env_prefix="HELIP_", env_file=".env", extra="ignore")
 
@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     store_reap_seconds: float = Field(
         default=600.0, gt=0,
         description="how often each worker's reaper lists the store for objects no row accounts for")
+    cpu_processes: int = Field(
+        default=1, ge=1, le=64, description="DDP processes for a job on a machine without GPUs (train.devices unset)")
+    weights_cache: Path | None = Field(
+        default=None, description="where open_clip's tagged weights are cached (default: open_clip's own cache)")
 
     @model_validator(mode="after")
     def _defaults_and_safety(self) -> "Settings":

@@ -51,6 +51,7 @@ def job_spec(world, *, steps: int, checkpoint_every: int, workers: int = 0) -> d
         "train": {"batch_size": 32, "epochs": 100, "max_steps": steps, "lr": 1e-3, "warmup": 2,
                   "checkpoint_every": checkpoint_every, "log_every": 1, "seed": 11},
         "eval": {**ev, "batch_size": 64},
+        "control": False,  # one run is enough here; tests/test_pipeline.py and test_storage.py run the control
     }
 
 

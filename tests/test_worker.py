@@ -98,7 +98,7 @@ def write(path: Path, data: bytes) -> Path:
 def fake_job(calls: list, *, die_after_checkpoint: bool = False):
     """A pipeline with the real one's calls and files, minus the ML: embed, mine, 3 checkpoints, evaluate."""
 
-    def pipeline(spec, workdir: Path, *, access, reporter, device=None):
+    def pipeline(spec, workdir: Path, *, access, reporter, device=None, **options):
         calls.append({"workdir": workdir, "files": sorted(p.relative_to(workdir).as_posix()
                                                           for p in workdir.rglob("*") if p.is_file())})
         reporter.stage("embedding")
@@ -193,7 +193,7 @@ def test_a_running_job_with_a_live_heartbeat_is_not_claimed(sessions, settings, 
 def test_failures_end_failed_with_the_error(sessions, settings, store, exc, code, param):
     job_id = new_job(sessions)
 
-    def pipeline(spec, workdir, *, access, reporter, device=None):
+    def pipeline(spec, workdir, *, access, reporter, device=None, **options):
         reporter.stage("embedding")
         raise exc
 
@@ -214,7 +214,7 @@ def test_cancel_while_running_ends_cancelled(sessions, settings, store):
     job_id = new_job(sessions)
     polls: list[int] = []
 
-    def pipeline(spec, workdir, *, access, reporter, device=None):
+    def pipeline(spec, workdir, *, access, reporter, device=None, **options):
         reporter.stage("training")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -236,7 +236,7 @@ def test_cancel_while_running_ends_cancelled(sessions, settings, store):
 def test_a_lost_lease_stops_the_run_and_records_nothing(sessions, settings, store):
     job_id = new_job(sessions)
 
-    def pipeline(spec, workdir, *, access, reporter, device=None):
+    def pipeline(spec, workdir, *, access, reporter, device=None, **options):
         with sessions() as s:  # another worker took the job over
             s.execute(update(Job).where(Job.id == job_id).values(worker_id="thief", attempts=2))
             s.commit()
@@ -393,7 +393,7 @@ def test_concurrent_claims_let_exactly_one_worker_win(sessions, settings, store)
     ran: list[str] = []
     outcomes: list = []
 
-    def pipeline(spec, workdir, *, access, reporter, device=None):
+    def pipeline(spec, workdir, *, access, reporter, device=None, **options):
         ran.append(str(workdir))
         return Result(metrics={}, artifacts={})
 

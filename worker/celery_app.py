@@ -9,8 +9,11 @@ import time
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from helip.entry import configure_process
 from helip.queue import celery_config, send_run_job
 from helip.settings import Settings, get_settings
+
+configure_process()  # the worker is an entry point: offline hub (inherited by job children), quiet warnings
 
 log = logging.getLogger(__name__)
 

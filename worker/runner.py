@@ -36,6 +36,11 @@ def worker_identity(hostname: str | None = None) -> str:
     return f"{hostname or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def pipeline_options(settings: Settings) -> dict[str, Any]:
+    """What core.pipeline.run_job takes from the settings (core never reads the environment itself)."""
+    return {"cpu_processes": settings.cpu_processes, "weights_cache": settings.weights_cache}
+
+
 def _default_pipeline(*args: Any, **kwargs: Any) -> Any:
     from core.pipeline import run_job  # imported in the job's child process only: torch never loads in the parent
 
@@ -94,7 +99,7 @@ def execute_job(
                            data={"files": restored,
                                  "resumed_steps": {f["run"]: f["step"] for f in restored if "run" in f}})
         result = (pipeline or _default_pipeline)(spec, workdir, access=settings.access(), reporter=reporter,
-                                                 device=device)
+                                                 device=device, **pipeline_options(settings))
         if lease.lost.is_set():
             return _lost(job_id)
         files.sync()
