@@ -50,8 +50,8 @@ def load_bench_model(name: str, device: torch.device) -> Any:
     from core.models import load_model
 
     if name == TINY:
-        # Imported only here: core.pretrain pulls in the job spec (pydantic), which the GPU box lacks.
-        from core.pretrain import TINY_CONFIG, TINY_NAME
+        # Imported only here: synthworld.pretrain pulls in the job spec (pydantic), which the GPU box lacks.
+        from synthworld.pretrain import TINY_CONFIG, TINY_NAME
 
         return load_model(TINY_NAME, config=TINY_CONFIG, pretrained=None, device=device)
     return load_model(name, pretrained=None, device=device)

@@ -31,10 +31,10 @@ from core.evaluate import encode_images, eval_mode, evaluate, zeroshot_classifie
 from core.io import Access  # noqa: E402
 from core.mining import mine_exact  # noqa: E402
 from core.models import load_model  # noqa: E402
-from core.pretrain import TINY_CONFIG, TINY_NAME, pretrain_base  # noqa: E402
+from synthworld.pretrain import TINY_CONFIG, TINY_NAME, pretrain_base  # noqa: E402
 from core.progress import CollectingReporter  # noqa: E402
 from core.spec import EvalSpec, resolve_spec  # noqa: E402
-from core.synth import generate_world  # noqa: E402
+from synthworld.world import generate_world  # noqa: E402
 from core.train import RunPlan, train_run  # noqa: E402
 
 # The base models the experiment can use, all with the tests' text tower: the tests' and demo's tiny ViT

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core.evaluate import eval_mode  # noqa: E402
 from core.io import Access  # noqa: E402
 from core.models import load_model  # noqa: E402
-from core.synth import SHAPES, load_world  # noqa: E402
+from synthworld.world import SHAPES, load_world  # noqa: E402
 from helip_synth import MODELS, attribute_accuracy, folder_features  # noqa: E402
 
 

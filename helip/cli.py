@@ -84,7 +84,7 @@ def synth(out: Path = typer.Argument(..., help="directory of the synthetic world
           n_train: int = typer.Option(12_000, help="training pairs"),
           image_size: int = typer.Option(32), seed: int = typer.Option(0)) -> None:
     """Generate the synthetic image-caption world (train CSV + shards, zero-shot, retrieval, probe splits)."""
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     world = generate_world(out, n_train=n_train, image_size=image_size, seed=seed)
     typer.echo(json.dumps({k: str(v) for k, v in vars(world).items() if k not in ("classnames", "templates")},
@@ -97,8 +97,8 @@ def pretrain(world: Path = typer.Argument(..., help="a synthetic world directory
              steps: int = typer.Option(1500), batch_size: int = typer.Option(128), lr: float = typer.Option(1e-3),
              seed: int = typer.Option(0), device: Optional[str] = typer.Option(None)) -> None:
     """Pretrain the small base CLIP on a synthetic world (the model HELIP then boosts)."""
-    from core.pretrain import pretrain_base
-    from core.synth import load_world
+    from synthworld.pretrain import pretrain_base
+    from synthworld.world import load_world
     from helip.terminal import TerminalReporter
 
     w = load_world(world)

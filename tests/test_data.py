@@ -339,7 +339,7 @@ def test_dataset_rows_subset_and_empty_batch(pairs):
     index.mark_bad(1, "not an image")
     ds = PairDataset(index, Access(), _to_tensor, _tokens, rows=np.array([4, 1, 2]))
     items = [ds[i] for i in range(len(ds))]
-    assert len(ds) == 3 and items[0]["row"] == 4 and items[1] is None and items[2]["row"] == 2
+    assert len(ds) == 3 and items[0]["row"] == 4 and items[1] == {"bad": (1, "not an image")} and items[2]["row"] == 2
     batch = collate_pairs(items)
     assert batch["rows"].tolist() == [4, 2] and batch["bad_rows"] == [(1, "not an image")]
     empty = collate_pairs([ds[1]])

@@ -31,7 +31,7 @@ OWNER = hashlib.sha256(KEY.encode()).hexdigest()  # the owner id the API derives
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("faults") / "world", n_train=200, n_retrieval=40,
                           zeroshot_per_class=1, probe_per_class=(1, 1), shards=2, seed=7)

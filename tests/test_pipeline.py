@@ -20,7 +20,7 @@ from core.io import Access
 from core.mining import read_hard_pairs
 from core.pipeline import run_job
 from core.progress import CollectingReporter
-from core.synth import generate_world
+from synthworld.world import generate_world
 
 TINY = {"embed_dim": 64,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},

@@ -34,7 +34,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("e2e") / "world", n_train=240, n_retrieval=40,
                           zeroshot_per_class=1, probe_per_class=(1, 1), shards=2, seed=3)

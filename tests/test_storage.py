@@ -29,7 +29,7 @@ QUOTA = 3
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("storage") / "world", n_train=160, n_retrieval=40,
                           zeroshot_per_class=1, probe_per_class=(1, 1), shards=2, seed=5)

@@ -1,4 +1,8 @@
-"""The synthetic image-caption world on disk: train CSV + shards, zero-shot, retrieval and probe splits, world.json."""
+"""The synthetic image-caption world on disk: train CSV + shards, zero-shot, retrieval and probe splits, world.json.
+
+Why over 350 lines: generation, the on-disk layout, caching and the eval spec of one world are read together;
+the drawing of shapes and the caption phrasings are already apart, in synthworld/render.py.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import DataError, SpecError
-from core.synth_render import (
+from synthworld.render import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,
