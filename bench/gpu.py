@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file (python bench/gpu.py): make `bench` and `core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

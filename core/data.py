@@ -2,7 +2,14 @@
 `core.decoding` (image bytes to RGB, bad samples), `core.datasets` (torch datasets and collate functions).
 Importing from `core.data` keeps working for every name."""
 
-from core.datasets import FOLDER_IMAGE_EXTS, ImageListDataset, PairDataset, collate_images, collate_pairs, read_image_folder
+from core.datasets import (
+    FOLDER_IMAGE_EXTS,
+    ImageListDataset,
+    PairDataset,
+    collate_images,
+    collate_pairs,
+    read_image_folder,
+)
 from core.decoding import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, PIL_FORMATS, BadSample, decode_image, load_image
 from core.index import IMAGE_EXTS, PairIndex, build_index
 

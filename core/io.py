@@ -11,8 +11,9 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from core.errors import DataError, HelipError, LocationError, StorageError
@@ -295,13 +296,13 @@ def dirname(location: str) -> str:
 # S3 client and retries
 
 
-def s3_client(cfg: S3Config) -> "minio.Minio":
+def s3_client(cfg: S3Config) -> minio.Minio:
     """A minio client for `cfg`, cached per config and per process (a forked worker builds its own pool)."""
     return _client(cfg, os.getpid())
 
 
 @functools.lru_cache(maxsize=16)
-def _client(cfg: S3Config, pid: int) -> "minio.Minio":
+def _client(cfg: S3Config, pid: int) -> minio.Minio:
     import certifi
     import minio
     import urllib3

@@ -6,16 +6,16 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import open_clip
 import torch
 
 from core.errors import ModelError, SpecError
 from core.io import Access, is_s3, read_bytes
-
-import open_clip
 
 _CONFIG_DIR = Path(tempfile.gettempdir()) / "helip-model-configs"
 

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from core import layout
 from core.data import PairIndex, build_index
 from core.embed import embed_pairs, load_embeddings, save_embeddings
 from core.errors import DataError, SpecError
 from core.evaluate import evaluate
-from core import layout
 from core.io import Access
 from core.layout import final_path
 from core.mining import MinedPairs, mine_exact, mine_fast, read_hard_pairs, write_hard_pairs

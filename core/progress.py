@@ -7,6 +7,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+
 class Stage(StrEnum):
     """The stages of a job, in order; a running job's `stage` is one of these."""
 

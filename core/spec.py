@@ -141,7 +141,7 @@ class JobSpec(_Strict):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JobSpec":
+    def _consistent(self) -> JobSpec:
         group = 1 + self.helip.hard_per_target
         per_step = self.train.batch_size
         if per_step < group:

@@ -6,7 +6,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -37,7 +36,7 @@ def _core_options() -> dict:
 @app.command()
 def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (docs/spec.md)"),
         out: Path = typer.Option(..., "--out", help="output directory (re-running resumes from it)"),
-        device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: first GPU, else CPU)"),
+        device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: first GPU, else CPU)"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars")) -> None:
     """Run a whole job locally: embed, mine, fine-tune, evaluate. Writes metrics.json, hard_pairs.parquet,
     checkpoints/*.pt under OUT."""
@@ -62,7 +61,7 @@ def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (docs/spec
 @app.command()
 def mine(spec: Path = typer.Argument(..., help="job spec, JSON or YAML"),
          out: Path = typer.Option(..., "--out", help="output directory"),
-         device: Optional[str] = typer.Option(None), quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+         device: str | None = typer.Option(None), quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Only embed and mine: writes OUT/hard_pairs.parquet."""
     from core.errors import HelipError
     from core.pipeline import run_job
@@ -95,11 +94,11 @@ def synth(out: Path = typer.Argument(..., help="directory of the synthetic world
 def pretrain(world: Path = typer.Argument(..., help="a synthetic world directory (helip synth)"),
              out: Path = typer.Option(..., "--out", help="where the base checkpoint goes"),
              steps: int = typer.Option(1500), batch_size: int = typer.Option(128), lr: float = typer.Option(1e-3),
-             seed: int = typer.Option(0), device: Optional[str] = typer.Option(None)) -> None:
+             seed: int = typer.Option(0), device: str | None = typer.Option(None)) -> None:
     """Pretrain the small base CLIP on a synthetic world (the model HELIP then boosts)."""
+    from helip.terminal import TerminalReporter
     from synthworld.pretrain import pretrain_base
     from synthworld.world import load_world
-    from helip.terminal import TerminalReporter
 
     w = load_world(world)
     with TerminalReporter() as rep:
@@ -120,7 +119,7 @@ def serve(host: str = typer.Option("127.0.0.1", envvar="HELIP_HOST"),
 
 @app.command()
 def worker(concurrency: int = typer.Option(1, help="jobs at once: one per GPU"),
-           queues: Optional[str] = typer.Option(None, help="comma-separated Celery queues"),
+           queues: str | None = typer.Option(None, help="comma-separated Celery queues"),
            loglevel: str = typer.Option("info")) -> None:
     """A Celery worker that runs jobs (one per GPU)."""
     from worker.celery_app import worker_argv
@@ -142,8 +141,8 @@ def migrate() -> None:
 @app.command()
 def reap() -> None:
     """Re-queue or fail running jobs whose worker stopped sending heartbeats."""
-    from worker.reaper import reap_stale_jobs
     from helip.settings import get_settings
+    from worker.reaper import reap_stale_jobs
 
     typer.echo(json.dumps(reap_stale_jobs(get_settings()), default=str))
 

@@ -12,8 +12,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from helip.tables import ACTIVE_STATUSES, Artifact, Checkpoint, EvalResult, Event, Job, StepMetric, utcnow
-
+from helip.tables import ACTIVE_STATUSES, Artifact, Base, Checkpoint, EvalResult, Event, Job, StepMetric, utcnow
 
 # -- jobs ----------------------------------------------------------------------------------------------
 
@@ -89,7 +88,8 @@ def list_events(session: Session, *, job_id: str, after: int | None = None, limi
 # -- idempotent inserts ----------------------------------------------------------------------------------
 
 
-def _insert(session: Session, table):  # noqa: ANN001, ANN202 - returns a dialect Insert with on_conflict_*
+def _insert(session: Session, table: type[Base]) -> Any:
+    """The dialect's INSERT for `table` (with on_conflict_do_nothing / on_conflict_do_update)."""
     name = session.get_bind().dialect.name
     if name == "postgresql":
         return postgresql.insert(table)

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         default=None, description="where open_clip's tagged weights are cached (default: open_clip's own cache)")
 
     @model_validator(mode="after")
-    def _defaults_and_safety(self) -> "Settings":
+    def _defaults_and_safety(self) -> Settings:
         # Production must name every service explicitly: an embedded default there is a misconfiguration.
         if self.environment == "production":
             missing = [
@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     def allowed_prefixes(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in str(self.allowed_data).split(",") if p.strip())
 
-    def s3_config(self) -> "S3Config | None":
+    def s3_config(self) -> S3Config | None:
         """core.io.S3Config for the configured endpoint, or None when no S3 endpoint is set."""
         if not self.s3_endpoint_url:
             return None
@@ -117,7 +117,7 @@ class Settings(BaseSettings):
             secure=secure, region=self.s3_region,
         )
 
-    def access(self) -> "Access":
+    def access(self) -> Access:
         """What submitted jobs may read: the allowed prefixes plus the S3 credentials."""
         from core.io import Access
 

@@ -14,9 +14,10 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -206,7 +207,7 @@ def _write_folders(out_dir: Path, attrs: list[Attributes], seed: int, split: str
     for name in classnames():
         (out_dir / _folder(name)).mkdir(parents=True)
     seen: dict[str, int] = {}
-    for a, (jpg, _) in zip(attrs, _render_all(_jobs(attrs, seed, split, "none", image_size), pool, tick)):
+    for a, (jpg, _) in zip(attrs, _render_all(_jobs(attrs, seed, split, "none", image_size), pool, tick), strict=True):
         k = seen.get(a.classname, 0)
         seen[a.classname] = k + 1
         (out_dir / _folder(a.classname) / f"{k:05d}.jpg").write_bytes(jpg)

@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ def checkpoints(svc: Service, job_id: str) -> list[dict[str, Any]]:
     return r.json()["data"]
 
 
-def training_past_a_checkpoint(svc: Service, job_id: str):  # noqa: ANN201 - a predicate for Service.wait
+def training_past_a_checkpoint(svc: Service, job_id: str) -> Callable[[dict[str, Any]], bool]:
     def check(job: dict[str, Any]) -> bool:
         assert job["status"] in ("queued", "running"), json.dumps(job)[:2000]
         steps = [s["step"] for s in svc.steps(job_id)]

@@ -177,11 +177,11 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         if isinstance(path, (str, bytes, os.PathLike)):
             seen.append(os.fsdecode(path))
 
-    def spy_open(file: Any, *a: Any, **k: Any):  # noqa: ANN202
+    def spy_open(file: Any, *a: Any, **k: Any) -> Any:
         note(file)
         return real_open(file, *a, **k)
 
-    def spy_io_open(file: Any, *a: Any, **k: Any):  # noqa: ANN202
+    def spy_io_open(file: Any, *a: Any, **k: Any) -> Any:
         note(file)
         return real_io_open(file, *a, **k)
 
@@ -260,6 +260,7 @@ def test_fuzz_the_api_from_its_openapi_schema(settings: Settings, tree: dict[str
     counts: dict[str, int] = {}
     statuses: dict[int, int] = {}
     empty: list[str] = []
+    current: dict[str, str] = {}
     # A real job id of this key, so that the /jobs/{job_id}/... operations also reach their found branch.
     with TestClient(app) as c:
         job_id = c.post("/jobs", json=base_spec(tree["allowed"]), headers=auth()).json()["id"]
@@ -267,6 +268,7 @@ def test_fuzz_the_api_from_its_openapi_schema(settings: Settings, tree: dict[str
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             label = f"{operation.label} [{mode.value}]"
+            current["label"] = label  # what run() below reports (run is called in this iteration only)
             params = {"job_id": job_id} if "{job_id}" in operation.path and mode == GenerationMode.POSITIVE else None
             strategy = operation.as_strategy(generation_mode=mode, headers=auth(), path_parameters=params)
 
@@ -275,6 +277,7 @@ def test_fuzz_the_api_from_its_openapi_schema(settings: Settings, tree: dict[str
             @given(case=strategy)
             def run(case: Any) -> None:
                 response = case.call()
+                label = current["label"]
                 counts[label] = counts.get(label, 0) + 1
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 where = f"{label}: {response.status_code} {response.text[:300]!r} for {case.as_curl_command()}"

@@ -16,6 +16,7 @@ from PIL import Image
 
 from core.errors import DataError, SpecError
 from core.spec import EvalSpec, parse_spec
+from synthworld.render import POSITION_PHRASES, SIZE_WORDS, encode_jpeg, unique_attributes, unique_combinations
 from synthworld.world import (
     BACKGROUNDS,
     COLORS,
@@ -33,7 +34,6 @@ from synthworld.world import (
     render,
     sample_attributes,
 )
-from synthworld.render import POSITION_PHRASES, SIZE_WORDS, encode_jpeg, unique_attributes, unique_combinations
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(120)
@@ -133,7 +133,7 @@ def test_captions_name_only_true_attributes_in_varied_phrasings():
     attrs = sample_attributes(rng, 800)
     texts = [caption(a, rng) for a in attrs]
     omitted = {"size": 0, "position": 0, "background": 0}
-    for a, t in zip(attrs, texts):
+    for a, t in zip(attrs, texts, strict=True):
         assert _has(t, a.color) and _has(t, a.shape), t
         named_colors = {c for c in COLORS if _has(t, c)}
         assert named_colors <= {a.color, a.distractor_color}, t

@@ -20,12 +20,12 @@ from sqlalchemy.orm import sessionmaker
 
 from core.errors import DataError, JobCancelled
 from helip import crud, db, transitions
-from worker.reaper import reap, reap_stale_jobs
 from helip.settings import Settings
 from helip.store import FileStore
 from helip.tables import Artifact, Checkpoint, Event, Job, StepMetric, utcnow
 from worker.celery_app import make_celery, worker_argv
 from worker.files import JobFiles
+from worker.reaper import reap, reap_stale_jobs
 from worker.reporter import DbReporter, Heartbeat, Lease
 from worker.runner import execute_job
 

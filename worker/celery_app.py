@@ -61,8 +61,8 @@ def _reaper_loop(settings: Settings) -> None:
     from sqlalchemy.orm import sessionmaker
 
     from helip import db
-    from worker.reaper import reap
     from helip.store import store_from_settings
+    from worker.reaper import reap
     from worker.retention import reap_store
 
     # Its own engine, not helip.db's process-wide one: children forked later must not inherit pooled

@@ -12,11 +12,11 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import StorageError
 from core.progress import Stage
 from helip import crud, transitions
-from core.errors import StorageError
 from worker.files import JobFiles, json_safe
-from worker.retention import final_key, prune_states, state_key, fault_pause
+from worker.retention import fault_pause, final_key, prune_states, state_key
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{lease.job_id}", daemon=True)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self._thread.start()
         return self
 

@@ -10,14 +10,24 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api.deps import ContextDep, OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.downloads import download_url
 from api.errors import ApiError, not_found
 from api.hard_pairs import hard_pairs_sample
 from api.schemas import (
-    CheckpointPublic, CheckpointsPage, ErrorResponse, EventPublic, EventsPage, HardPairsPublic, JobCreate, JobPublic, JobsPage,
-    MetricsPage, StepPublic,
+    CheckpointPublic,
+    CheckpointsPage,
+    ErrorResponse,
+    EventPublic,
+    EventsPage,
+    HardPairsPublic,
+    JobCreate,
+    JobPublic,
+    JobsPage,
+    MetricsPage,
+    StepPublic,
 )
 from api.validation import check_locations
 from core.errors import StorageError
@@ -46,7 +56,7 @@ def _is_job_id(value: str) -> bool:
     return JOB_ID.fullmatch(value) is not None
 
 
-def _owned(session, job_id: str, owner: str) -> Job:  # noqa: ANN001 - SessionDep
+def _owned(session: Session, job_id: str, owner: str) -> Job:
     """The caller's job, else 404 (another key's job is indistinguishable from a missing one)."""
     job = crud.get_job(session, job_id=job_id, owner=owner) if _is_job_id(job_id) else None
     if job is None:
@@ -99,7 +109,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
         return _same_request(existing, request_hash)
     try:
         send_run_job(context.celery, job.id, queue=settings.queue_name)
-    except Exception as exc:  # noqa: BLE001 - any broker failure: the job must not stay queued forever
+    except Exception as exc:  # any broker failure: the job must not stay queued forever
         log.exception("could not queue %s", job.id)
         transitions.finish_job(session, job_id=job.id, status=JobStatus.FAILED,
                         error={"code": "queue_unavailable", "message": f"the job queue is unreachable: {exc}",
