@@ -12,12 +12,18 @@ PYTEST_ARGS ?=
 export OMP_NUM_THREADS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: env test demo bench clean
+.PHONY: env lint test demo bench clean
 
 env:
 	@VENV="$(VENV)" PYTHON="$(PYTHON)" ./scripts/ensure_env.sh
 
-test: env
+# ruff (pycodestyle, pyflakes, isort, bugbear, pyupgrade) over the whole tree, mypy over core/ and api/
+# (configuration in pyproject.toml); `make test` runs them first.
+lint: env
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: env

@@ -28,7 +28,7 @@ class BadSample(Exception):
 def decode_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
     """Decode bytes into an RGB image; ValueError("reason") when they are not a usable image."""
     try:
-        im = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        im: Image.Image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except Image.DecompressionBombError:
         raise ValueError("image too large") from None
     except Exception:  # PIL raises UnidentifiedImageError and assorted parsing errors

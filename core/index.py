@@ -9,7 +9,7 @@ import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -212,7 +212,7 @@ def _index_shard(shard: str, access: dio.Access, b: _Builder, param: str) -> str
         tf = None
         try:
             # tarfile's own 10 KiB buffer: its stream slices the buffer on every read, so bigger is slower.
-            tf = tarfile.open(fileobj=tail, mode="r|")
+            tf = tarfile.open(fileobj=cast(IO[bytes], tail), mode="r|")
             for member in tf:
                 if not member.isfile():
                     continue
@@ -231,7 +231,8 @@ def _index_shard(shard: str, access: dio.Access, b: _Builder, param: str) -> str
                     if member.size > 4 * b.max_chars + 4:  # UTF-8: at most 4 bytes a character
                         pending["reason"] = "caption too long"
                         continue
-                    data = tf.extractfile(member).read()
+                    fileobj = tf.extractfile(member)  # a regular member (isfile above): never None
+                    data = fileobj.read() if fileobj is not None else b""
                     try:
                         pending["caption"] = data.decode("utf-8")
                     except UnicodeDecodeError:

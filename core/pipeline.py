@@ -98,7 +98,7 @@ def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray,
     if m.method == "exact":
         return mine_exact(t, v, block_size=m.block_size, **kw)
     return mine_fast(t, v, candidates=m.candidates, reference_size=m.reference_size,
-                     recall_sample=m.recall_sample, seed=spec.train.seed, **kw)
+                     recall_sample=m.recall_sample, seed=int(spec.train.seed or 0), **kw)
 
 
 def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, device, workdir: Path,

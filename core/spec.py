@@ -8,6 +8,7 @@ raises `SpecError` naming the field (dotted path, e.g. `train.batch_size`).
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,7 +167,9 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"mining.candidates ({self.mining.candidates}) must be at least mining.top_k ({self.mining.top_k})"
             )
-        names = [e.name for e in (*self.eval.zeroshot, *self.eval.retrieval, *self.eval.linear_probe)]
+        sets: list[ZeroShotSpec | RetrievalSpec | LinearProbeSpec] = [
+            *self.eval.zeroshot, *self.eval.retrieval, *self.eval.linear_probe]
+        names = [e.name for e in sets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"eval data set names must be unique; repeated: {dupes}")
@@ -179,7 +182,7 @@ _CROSS_FIELD_PARAMS = (
 )
 
 
-def _param_of(err: dict) -> str:
+def _param_of(err: Mapping[str, Any]) -> str:
     loc = [str(p) for p in err.get("loc", ()) if p != "__root__"]
     if loc:
         return ".".join(loc)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.progress import Stage
@@ -28,7 +28,8 @@ RUNNING = (JobStatus.RUNNING, JobStatus.CANCELLING)  # a worker holds the job
 
 def _cas(session: Session, stmt: Any) -> int:
     """Run an UPDATE and return how many rows it changed; "fetch" keeps Job objects in the session current."""
-    return session.execute(stmt, execution_options={"synchronize_session": "fetch"}).rowcount
+    result = cast(CursorResult[Any], session.execute(stmt, execution_options={"synchronize_session": "fetch"}))
+    return result.rowcount
 
 
 def _stale(stale_after_seconds: float, now: datetime | None = None) -> ColumnElement[bool]:

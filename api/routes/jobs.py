@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
@@ -43,7 +43,7 @@ JOB_ID = re.compile(r"job-[0-9a-f]{24}")
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
     422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
 }
@@ -97,7 +97,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
     check_locations(body, settings.access())
     spec = resolve_spec(body)  # FastAPI parsed the body once (the API's door); this only fills in the seed
     try:
-        job = transitions.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
+        job = transitions.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed or 0),
                               idempotency_key=idempotency_key or None, request_hash=request_hash)
         session.commit()  # the row exists before the worker can see the message
     except IntegrityError:
@@ -142,7 +142,8 @@ def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
     if transitions.request_cancel(session, job_id=job.id) is None:
         raise ApiError(409, "job_finished", f"the job already finished ({job.status})")
     session.commit()
-    return crud.refresh_job(session, job_id=job.id)
+    session.refresh(job)
+    return job
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPage, responses=ERRORS)
