@@ -49,3 +49,27 @@ def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
     src.write_text("import os\n\ndef f():\n    from worker.reaper import reap\n    import celery.app\n")
     assert imported_modules(src) == {"os", "worker", "celery"}
+
+
+def test_docs_spec_describes_every_spec_field() -> None:
+    """docs/spec.md is the field reference: every field of core.spec.JobSpec is named there."""
+    from pydantic import BaseModel
+
+    from core.spec import EvalSpec, JobSpec
+
+    doc = (ROOT / "docs" / "spec.md").read_text()
+    missing = []
+    for section, field in JobSpec.model_fields.items():
+        sub = field.annotation
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            if f"`{section}`" not in doc:
+                missing.append(section)
+            continue
+        for name in sub.model_fields:
+            if sub is EvalSpec and name != "batch_size":
+                item = EvalSpec.model_fields[name].annotation.__args__[0]  # list[ItemSpec]
+                if f"`eval.{name}[]`" not in doc or not all(k in doc for k in item.model_fields):
+                    missing.append(f"eval.{name}")
+            elif f"`{section}.{name}`" not in doc:
+                missing.append(f"{section}.{name}")
+    assert missing == []
