@@ -24,6 +24,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helip.entry import configure_process  # noqa: E402  (after the sys.path line: run as a script)
+
+configure_process()  # an entry point: offline hub, quiet random-init warning (before open_clip is imported)
+
 from core.data import (  # noqa: E402
     ImageListDataset,
     build_index,  # noqa: E402

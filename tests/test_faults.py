@@ -195,10 +195,12 @@ def test_store_outage_is_retried_and_a_lasting_one_fails_clearly_keeping_the_che
     assert "retrying" in service.log_tail("s3", 200_000)  # the first outage was ridden out by retries
     assert job["status"] == "failed" and job["attempts"] == 1, json.dumps(job)[:3000]
     assert job["error"]["code"] == "storage_error" and "upload" in job["error"]["message"], job["error"]
-    assert "kept in" in job["error"]["message"]
+    assert "kept on" in job["error"]["message"]
     kept = next(e["data"] for e in finished_once(service, job_id) if (e["data"] or {}).get("kept_checkpoints"))
-    newest = Path(kept["newest"])
-    assert newest.is_file() and newest.parent == Path(kept["kept_checkpoints"])
+    folder = Path(service.env["HELIP_DATA_DIR"]) / "kept" / job_id / "attempt-1"  # named in the worker log only
+    assert str(folder) not in json.dumps(kept) + job["error"]["message"] and str(folder) in service.log_tail("s3", 10**7)
+    assert sorted(p.name for p in folder.glob("*.pt")) == kept["kept_checkpoints"]
+    newest = max(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
     state = torch.load(newest, map_location="cpu", weights_only=True)  # a real, loadable training state
     stored = max(c["step"] for c in checkpoints(service, job_id))
     assert state["step"] >= stored  # the local one is at least as new as the last one the store holds

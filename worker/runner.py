@@ -115,15 +115,17 @@ def execute_job(
         return _finish(sessions, job_id, worker_id, JobStatus.CANCELLED, None, f"cancelled: {exc.message}")
     except StorageError as exc:
         # The store stayed down (e.g. during a checkpoint upload): hours of training must not vanish with
-        # the workdir, so the local checkpoints move aside and the error says where they are.
+        # the workdir, so the local checkpoints move aside (HELIP_DATA_DIR/kept/<job>/attempt-<n>/ on this
+        # host). The user learns which host; the folder is a server path, so only the worker log names it.
         error = exc.to_dict()
-        keep = keep_checkpoints(workdir, Path(settings.data_dir) / "kept" / job_id / f"attempt-{attempt}")
+        keep = keep_checkpoints(workdir, kept_dir(settings, job_id, attempt))
         data: dict[str, Any] = {}
         if keep is not None:
-            newest = max(keep.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns, default=None)
-            data = {"kept_checkpoints": str(keep), "host": socket.gethostname(),
-                    "newest": str(newest) if newest else None}
-            error["message"] += f" (the local checkpoints are kept in {keep} on {socket.gethostname()})"
+            host = socket.gethostname()
+            log.warning("job %s: the store is down; attempt %d's local checkpoints are kept in %s on %s",
+                        job_id, attempt, keep, host)
+            data = {"kept_checkpoints": sorted(p.name for p in keep.glob("*.pt")), "host": host}
+            error["message"] += f" (the local checkpoints are kept on {host}; its worker log names the folder)"
         return _finish(sessions, job_id, worker_id, JobStatus.FAILED, error, f"failed: {error['message']}", data=data)
     except HelipError as exc:
         return _finish(sessions, job_id, worker_id, JobStatus.FAILED, exc.to_dict(), f"failed: {exc.message}")
@@ -137,6 +139,11 @@ def execute_job(
     finally:
         heartbeat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def kept_dir(settings: Settings, job_id: str, attempt: int) -> Path:
+    """Where an attempt's local checkpoints are kept when the store stays down."""
+    return Path(settings.data_dir) / "kept" / job_id / f"attempt-{attempt}"
 
 
 def keep_checkpoints(workdir: Path, dest: Path) -> Path | None:
