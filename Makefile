@@ -8,16 +8,22 @@ VENV ?= $(HOME)/.cache/helip/venv-$(shell sha1sum requirements.txt | cut -c1-10)
 PYTEST_ARGS ?=
 
 # One OpenMP thread: on 2 shared cores torch's default threads starve each other, 4-5x slower
-# (INFRA.md 3c). Offline hub: an open_clip weight lookup would otherwise stall 46 s on DNS retries.
+# (measured on this project's 2-core machines). Offline hub: an open_clip weight lookup would otherwise stall 46 s on DNS retries.
 export OMP_NUM_THREADS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: env test demo bench clean
+.PHONY: env lint test demo bench clean
 
 env:
 	@VENV="$(VENV)" PYTHON="$(PYTHON)" ./scripts/ensure_env.sh
 
-test: env
+# ruff (pycodestyle, pyflakes, isort, bugbear, pyupgrade) over the whole tree, mypy over core/ and api/
+# (configuration in pyproject.toml); `make test` runs them first.
+lint: env
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: env

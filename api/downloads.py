@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from fastapi import Request
 
@@ -14,7 +14,7 @@ from helip.store import Store
 def download_url(request: Request, settings: Settings, store: Store, key: str) -> tuple[str, datetime]:
     """(url, expires_at) for `key`; the link works without an API key, like a presigned URL."""
     seconds = settings.presign_seconds
-    expires = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    expires = datetime.now(UTC) + timedelta(seconds=seconds)
     url = store.presigned_get(key, seconds)
     if url is None:  # file:// store: the API streams the file behind an HMAC-signed, expiring token
         base = (settings.public_url or _own_base_url(request)).rstrip("/")

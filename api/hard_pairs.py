@@ -29,7 +29,7 @@ def _read_sample(path: Path, rows: int) -> dict[str, Any]:
         # Only the rows the sample names, column-pruned: the table can hold millions of rows.
         table = pq.read_table(path, columns=["row", "key"])
         table = table.filter(pc.is_in(table["row"], value_set=pa.array(wanted, type=table["row"].type)))
-        keys = dict(zip(table["row"].to_pylist(), table["key"].to_pylist()))
+        keys = dict(zip(table["row"].to_pylist(), table["key"].to_pylist(), strict=True))
     sample = [
         {
             "row": int(r["row"]), "key": r.get("key"),

@@ -9,6 +9,7 @@ from api.errors import install_error_handlers
 from api.middleware import BodyLimitMiddleware, RateLimitMiddleware
 from api.openapi import operation_id
 from api.routes import files, health, jobs, ui, webhooks
+from helip.entry import configure_process
 from helip.settings import Settings, get_settings
 
 DESCRIPTION = (
@@ -19,6 +20,7 @@ DESCRIPTION = (
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app on `settings` (default: the environment). Connects to nothing until the first request."""
+    configure_process()
     settings = settings or get_settings()
     # /docs comes from api.routes.ui (Swagger UI files vendored in the package, no CDN); no ReDoc page.
     app = FastAPI(title="helip", version="0.1.0", description=DESCRIPTION, generate_unique_id_function=operation_id,

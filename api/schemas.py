@@ -7,7 +7,9 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from core.progress import Stage
 from core.spec import JobSpec
+from helip.tables import JobStatus
 
 # A complete, small job: the example shown in /docs for POST /jobs.
 EXAMPLE_SPEC: dict[str, Any] = {
@@ -25,7 +27,7 @@ EXAMPLE_SPEC: dict[str, Any] = {
 
 
 class JobCreate(JobSpec):
-    """The body of POST /jobs: a job spec (CONTRACT.md). Unknown fields are an error."""
+    """The body of POST /jobs: a job spec (docs/spec.md). Unknown fields are an error."""
 
     model_config = ConfigDict(title="JobCreate", json_schema_extra={"examples": [EXAMPLE_SPEC]})
 
@@ -43,7 +45,7 @@ class ErrorResponse(BaseModel):
 class Progress(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    stage: str | None = Field(default=None, description="the stage this progress belongs to")
+    stage: Stage | None = Field(default=None, description="the stage this progress belongs to")
     done: int | None = Field(default=None, description="items done in the stage (batches embedded, blocks mined ...)")
     total: int | None = Field(default=None, description="items in the stage, when known")
     step: int | None = Field(default=None, description="training: the last optimizer step of the current run")
@@ -58,8 +60,8 @@ class JobPublic(BaseModel):
 
     id: str = Field(description="the job id (job-...)")
     object: str = Field(default="job", description="always `job`")
-    status: str = Field(description="queued | running | succeeded | failed | cancelling | cancelled")
-    stage: str | None = Field(default=None, description="while running: embedding | mining | training | evaluating")
+    status: JobStatus = Field(description="queued | running | succeeded | failed | cancelling | cancelled")
+    stage: Stage | None = Field(default=None, description="while running: embedding | mining | training | evaluating")
     created_at: datetime = Field(description="when the job was submitted")
     started_at: datetime | None = Field(default=None, description="when a worker first started it")
     finished_at: datetime | None = Field(default=None, description="when it succeeded, failed or was cancelled")
@@ -76,6 +78,7 @@ class JobPublic(BaseModel):
     progress: Progress | None = Field(default=None, description="live progress of a running job")
     attempts: int = Field(description="how many times a worker started the job (a job resumes after a lost worker)")
     cancel_requested: bool = Field(description="a cancel was asked for")
+    stored_bytes: int = Field(default=0, description="bytes of this job's checkpoints and files in the store")
 
 
 class JobsPage(BaseModel):
@@ -123,6 +126,7 @@ class Download(BaseModel):
 
 
 class CheckpointPublic(BaseModel):
+    id: int = Field(description="the cursor for the next page (`after`)")
     run: str = Field(description="the training run: helip, control or helip_selected")
     step: int = Field(description="optimizer step it was saved at")
     final: bool = Field(description="the run's final weights (else a resumable training state)")
@@ -136,6 +140,7 @@ class CheckpointPublic(BaseModel):
 
 class CheckpointsPage(BaseModel):
     data: list[CheckpointPublic] = Field(description="checkpoints by run and step")
+    has_more: bool = Field(description="more checkpoints after the last one (pass its id as `after`)")
 
 
 class HardPairsSampleRow(BaseModel):

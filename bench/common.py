@@ -12,8 +12,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -22,7 +23,7 @@ _MARK = "@@BENCH-RESULT@@"
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def cpu_model() -> str:
@@ -191,7 +192,7 @@ def fit_exponent(ns: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of log y against log n: the b of y ~ n^b."""
     import math
 
-    pts = [(math.log(n), math.log(y)) for n, y in zip(ns, ys) if n > 0 and y and y > 0]
+    pts = [(math.log(n), math.log(y)) for n, y in zip(ns, ys, strict=True) if n > 0 and y and y > 0]
     if len(pts) < 2:
         return float("nan")
     mx = sum(p[0] for p in pts) / len(pts)

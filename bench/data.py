@@ -14,10 +14,11 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,7 +217,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
 
     models = list(dict.fromkeys(r["model"] for r in doc["rows"]))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes[0], models, strict=True):
         rows = [r for r in doc["rows"] if r["model"] == model]
         sources = list(dict.fromkeys(r["source"] for r in rows))
         workers = sorted({r["workers"] for r in rows})

@@ -27,8 +27,8 @@ STAGES = ("embedding", "mining", "training", "evaluating")
 
 def prepare(data_dir: Path, *, n_train: int, pretrain_steps: int) -> tuple[Any, Path, dict[str, float]]:
     """The synthetic world and its pretrained base model, both cached under data_dir (same args, no work)."""
-    from core.pretrain import pretrain_base
-    from core.synth import generate_world
+    from synthworld.pretrain import pretrain_base
+    from synthworld.world import generate_world
 
     t0 = time.perf_counter()
     world = generate_world(data_dir / "datasets" / "world", n_train=n_train, n_retrieval=200, zeroshot_per_class=5,
@@ -41,7 +41,7 @@ def prepare(data_dir: Path, *, n_train: int, pretrain_steps: int) -> tuple[Any, 
 
 def job_spec(world: Any, base: Path, *, max_steps: int) -> dict[str, Any]:
     """A short HELIP job (no control run) with every evaluation of the world."""
-    from core.pretrain import TINY_CONFIG, TINY_NAME
+    from synthworld.pretrain import TINY_CONFIG, TINY_NAME
 
     return {
         "model": {"name": TINY_NAME, "config": TINY_CONFIG, "pretrained": str(base)},

@@ -1,4 +1,4 @@
-"""The one GPU script: items 1-3 on the accelerator (H200), compared with ../shared/ANCHORS.md, in < 7 minutes.
+"""The one GPU script: items 1-3 on the accelerator (H200), compared with the reference figures in ANCHORS below, in < 7 minutes.
 
 Writes $OUT/gpu.json after every measurement (a timeout keeps what was done) and prints a line per step.
 Phases run in priority order, each only when the time left (--budget) allows it: encode rates,
@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file (python bench/gpu.py): make `bench` and `core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +31,7 @@ import torch
 
 from bench.common import machine, write_json
 
-# ../shared/ANCHORS.md (H200, torch 2.11, eager unless said, bf16 autocast, random weights).
+# Reference figures measured elsewhere on an H200 (torch 2.11, eager unless said, bf16 autocast, random weights).
 ANCHORS = {
     "encode_vit_b_32_images_per_s": 22_700,
     "encode_vit_b_32_texts_per_s": 28_300,

@@ -73,7 +73,7 @@ class StampingReporter:
 
 def model_spec(name: str) -> dict[str, Any]:
     if name == "tiny":
-        from core.pretrain import TINY_CONFIG, TINY_NAME
+        from synthworld.pretrain import TINY_CONFIG, TINY_NAME
 
         return {"name": TINY_NAME, "config": TINY_CONFIG, "pretrained": None}
     return {"name": name, "pretrained": None}
@@ -222,7 +222,7 @@ def main() -> None:
         from core.spec import DataSpec
 
         args.workers = DataSpec(train="x.csv").workers
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     base = Path(tempfile.mkdtemp(prefix="helip-jobpath-"))
     world = generate_world(base / "world", n_train=args.n, n_retrieval=16, zeroshot_per_class=1,

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +51,8 @@ def load_bench_model(name: str, device: torch.device) -> Any:
     from core.models import load_model
 
     if name == TINY:
-        # Imported only here: core.pretrain pulls in the job spec (pydantic), which the GPU box lacks.
-        from core.pretrain import TINY_CONFIG, TINY_NAME
+        # Imported only here: synthworld.pretrain pulls in the job spec (pydantic), which the GPU box lacks.
+        from synthworld.pretrain import TINY_CONFIG, TINY_NAME
 
         return load_model(TINY_NAME, config=TINY_CONFIG, pretrained=None, device=device)
     return load_model(name, pretrained=None, device=device)
@@ -162,7 +163,7 @@ def time_interleaved(s: StepSetup, *, steps: int, repeats: int, warmup: int) -> 
     first: dict[str, float] = {}
     for name, fn in VARIANTS.items():  # warm-up (the first call also compiles, when asked)
         for i in range(warmup):
-            sec, _ = timed(lambda: fn(s), s.device)
+            sec, _ = timed(lambda fn=fn: fn(s), s.device)
             if i == 0:
                 first[name] = sec
     wall: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -175,7 +176,7 @@ def time_interleaved(s: StepSetup, *, steps: int, repeats: int, warmup: int) -> 
             fn = VARIANTS[name]
             if cuda:
                 torch.cuda.reset_peak_memory_stats(s.device)
-            w, c, _ = timed_both(lambda: [fn(s) for _ in range(steps)], s.device)
+            w, c, _ = timed_both(lambda fn=fn: [fn(s) for _ in range(steps)], s.device)
             wall[name].append(w / steps)
             cpu[name].append(c / steps)
             if cuda:
@@ -195,7 +196,7 @@ def time_interleaved(s: StepSetup, *, steps: int, repeats: int, warmup: int) -> 
             out[name]["peak_memory_gib"] = peak[name] / 2**30
     # Each repeat's helip/plain ratio comes from two back-to-back timings: steadier than a ratio of medians.
     clock = wall if cuda else cpu
-    out["ratio_time_paired"] = median([h / p for h, p in zip(clock["helip"], clock["plain"])])
+    out["ratio_time_paired"] = median([h / p for h, p in zip(clock["helip"], clock["plain"], strict=True)])
     return out
 
 

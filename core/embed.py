@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 from core.data import PairDataset, PairIndex, collate_pairs
 from core.io import Access
 from core.models import LoadedModel
-from core.progress import Reporter
+from core.progress import Reporter, Stage
 from core.train import resolve_precision
 
 
@@ -33,7 +34,7 @@ def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device
                 batch_size: int, workers: int, precision: str = "auto",
                 reporter: Reporter | None = None) -> EmbeddedPairs:
     """Embed every valid row; undecodable images are marked bad in the index."""
-    model = loaded.model.to(device)
+    model: Any = loaded.model.to(device)  # an open_clip CLIP: encode_image / encode_text
     was_training = model.training
     model.eval()
     dtype = resolve_precision(precision, device)
@@ -41,7 +42,9 @@ def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device
     dataset = PairDataset(index, access, loaded.preprocess_val, loaded.tokenizer, rows=rows)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs,
                         pin_memory=device.type == "cuda", shuffle=False)
-    text = image = tokens = None
+    text: np.ndarray | None = None
+    image: np.ndarray | None = None
+    tokens: np.ndarray | None = None
     done, t0 = 0, time.perf_counter()
     for batch in loader:
         for row, reason in batch["bad_rows"]:
@@ -58,16 +61,18 @@ def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device
             image = np.zeros((len(index), img.shape[1]), dtype=np.float32)
             tokens = np.zeros((len(index), batch["texts"].shape[1]), dtype=np.int32)
         r = batch["rows"].numpy()
+        assert image is not None and tokens is not None
         text[r], image[r], tokens[r] = txt, img, batch["texts"].numpy()
         done += len(r) + len(batch["bad_rows"])
         if reporter is not None:
-            reporter.progress("embedding", done, len(rows))
+            reporter.progress(Stage.EMBEDDING, done, len(rows))
     model.train(was_training)
     if text is None:
         from core.errors import DataError
 
         raise DataError("no training pair could be read", param="data.train")
     seconds = time.perf_counter() - t0
+    assert image is not None and tokens is not None
     return EmbeddedPairs(text, image, tokens, {"pairs": int(len(rows)), "seconds": seconds,
                                                "pairs_per_second": len(rows) / max(seconds, 1e-9)})
 

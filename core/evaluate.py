@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -249,7 +249,7 @@ class _Evaluator:
         return _Task(lp.name, len(train_items) + len(test_items), run)
 
 
-def evaluate(model, preprocess, tokenizer, eval_spec: "EvalSpec", *, access: "Access", device,
+def evaluate(model, preprocess, tokenizer, eval_spec: EvalSpec, *, access: Access, device,
              batch_size: int = 256, workers: int = 0, precision: str = "fp32",
              reporter: Reporter | None = None) -> dict[str, dict[str, float]]:
     """{dataset name: {metric: value}} for every data set in `eval_spec`, metric names as CLIP_benchmark's.

@@ -78,7 +78,7 @@ def margin_loss_reference(
     n = len(img)
 
     def dot(a: list[float], b: list[float]) -> float:
-        return sum(x * y for x, y in zip(a, b))
+        return sum(x * y for x, y in zip(a, b, strict=True))
 
     def one_direction(anchors: list[list[float]], others: list[list[float]]) -> float:
         terms = []
@@ -156,7 +156,7 @@ def simclr_loss_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float
     n = len(a)
 
     def sim(x: list[float], y: list[float]) -> float:
-        return sum(p * q for p, q in zip(x, y)) / temperature
+        return sum(p * q for p, q in zip(x, y, strict=True)) / temperature
 
     def one_view(anchors: list[list[float]], others: list[list[float]]) -> float:
         total = 0.0

@@ -32,8 +32,8 @@ def zeroshot_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     """acc1, acc5 and mean_per_class_recall of class scores `logits` [N, C] against `labels` [N].
 
     With fewer than 5 classes, acc5 is top-C accuracy (hence 1.0), so the key is always present
-    (CLIP_benchmark writes NaN there instead). mean_per_class_recall averages recall over the classes present in `labels`, as CLIP_benchmark
-    (sklearn's balanced accuracy) does; it differs from acc1 when classes are unbalanced.
+    (CLIP_benchmark writes NaN there instead). mean_per_class_recall averages recall over the classes present
+    in `labels`, as CLIP_benchmark (sklearn's balanced accuracy) does; it differs from acc1 when classes are unbalanced.
     """
     if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"logits must be [N, C] and labels [N]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
@@ -79,7 +79,7 @@ def _caption_sets(
     if image_captions is None:
         # Each image's captions are the texts that belong to it.
         image_captions = [[] for _ in range(n_images)]
-        for t, i in zip(texts, text_to_image.tolist()):
+        for t, i in zip(texts, text_to_image.tolist(), strict=True):
             image_captions[i].append(t)
     ids: dict[str, int] = {}
     text_ids = [ids.setdefault(t.strip(), len(ids)) for t in texts]

@@ -421,7 +421,7 @@ class _Candidates:
 def _recall(fast_idx: np.ndarray, exact_idx: np.ndarray) -> tuple[float, int]:
     """Mean |fast top_k ∩ exact top_k| / |exact top_k| over queries whose exact list is not empty."""
     overlaps = []
-    for f, e in zip(fast_idx, exact_idx):
+    for f, e in zip(fast_idx, exact_idx, strict=True):
         e_set = set(e[e >= 0].tolist())
         if e_set:
             overlaps.append(len(e_set & set(f[f >= 0].tolist())) / len(e_set))
@@ -573,7 +573,7 @@ def read_hard_pairs(path: str | Path) -> tuple[MinedPairs, list[str]]:
     valid = np.zeros(n, dtype=bool)
     valid[rows] = True
     keys = [""] * n
-    for row, key in zip(rows.tolist(), table.column("key").to_pylist()):
+    for row, key in zip(rows.tolist(), table.column("key").to_pylist(), strict=True):
         keys[row] = key
     report = json.loads(meta["helip.report"]) if "helip.report" in meta else {}
     return MinedPairs(neighbors=neighbors, scores=scores, report=report, valid=valid), keys

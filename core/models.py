@@ -4,35 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import open_clip
 import torch
 
 from core.errors import ModelError, SpecError
 from core.io import Access, is_s3, read_bytes
 
-# Weights are never fetched from a hub at run time unless the operator allows it explicitly.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import open_clip  # noqa: E402  (after HF_HUB_OFFLINE, which huggingface_hub reads at import)
-
 _CONFIG_DIR = Path(tempfile.gettempdir()) / "helip-model-configs"
-
-
-class _RandomInitIsIntended(logging.Filter):
-    """open_clip warns on the root logger whenever a model starts from random weights; here that is
-    asked for (a base model about to be pretrained, a test), so the warning is only noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-
-logging.getLogger().addFilter(_RandomInitIsIntended())
 
 
 @dataclass
@@ -99,8 +84,9 @@ def _fetch_weights(pretrained: str, access: Access, cache_dir: Path, param: str)
 
 
 def resolve_pretrained(name: str, pretrained: str | None, *, access: Access, cache_dir: Path,
-                       param: str = "model.pretrained") -> str | None:
-    """A local checkpoint path for `pretrained`, or the open_clip tag when its weights are already cached.
+                       param: str = "model.pretrained", weights_cache: Path | None = None) -> str | None:
+    """A local checkpoint path for `pretrained`, or the open_clip tag when its weights are already cached
+    (in `weights_cache`, default open_clip's own cache directory).
 
     Fails at once, before any work, when a tag's weights would have to be downloaded while offline.
     """
@@ -112,7 +98,7 @@ def resolve_pretrained(name: str, pretrained: str | None, *, access: Access, cac
     if _is_tag(name, pretrained):
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
         try:
-            return open_clip.download_pretrained(cfg, cache_dir=os.environ.get("HELIP_WEIGHTS_CACHE"))
+            return open_clip.download_pretrained(cfg, cache_dir=str(weights_cache) if weights_cache else None)
         except Exception as exc:  # huggingface_hub raises several types offline
             raise ModelError(
                 f"the weights for open_clip tag '{pretrained}' of {name} are not cached on this machine and "
@@ -133,7 +119,8 @@ def resolve_pretrained(name: str, pretrained: str | None, *, access: Access, cac
 
 def load_model(name: str, *, config: dict[str, Any] | None = None, pretrained: str | None = None,
                access: Access | None = None, device: str | torch.device = "cpu",
-               cache_dir: Path | None = None, param_prefix: str = "model") -> LoadedModel:
+               cache_dir: Path | None = None, param_prefix: str = "model",
+               weights_cache: Path | None = None) -> LoadedModel:
     """Build an open_clip model by architecture name (or inline config) and load its weights."""
     access = access or Access()
     if config is not None:
@@ -143,7 +130,7 @@ def load_model(name: str, *, config: dict[str, Any] | None = None, pretrained: s
                         param=f"{param_prefix}.name")
     path = resolve_pretrained(name, pretrained, access=access,
                               cache_dir=cache_dir or Path(tempfile.gettempdir()) / "helip-weights",
-                              param=f"{param_prefix}.pretrained")
+                              param=f"{param_prefix}.pretrained", weights_cache=weights_cache)
     try:
         # Without weights, initialise from a fixed seed: every load of the same spec is the same model.
         with torch.random.fork_rng(devices=[]):
@@ -161,10 +148,11 @@ def load_model(name: str, *, config: dict[str, Any] | None = None, pretrained: s
     return LoadedModel(name, model, pre_train, pre_val, open_clip.get_tokenizer(name), pretrained)
 
 
-def model_from_spec(spec_model, *, access: Access, device, cache_dir: Path | None = None) -> LoadedModel:
+def model_from_spec(spec_model, *, access: Access, device, cache_dir: Path | None = None,
+                    weights_cache: Path | None = None) -> LoadedModel:
     """`load_model` for a `core.spec.ModelSpec`."""
     return load_model(spec_model.name, config=spec_model.config, pretrained=spec_model.pretrained,
-                      access=access, device=device, cache_dir=cache_dir)
+                      access=access, device=device, cache_dir=cache_dir, weights_cache=weights_cache)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -16,16 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from core import layout
 from core.data import PairIndex, build_index
 from core.embed import embed_pairs, load_embeddings, save_embeddings
 from core.errors import DataError, SpecError
 from core.evaluate import evaluate
 from core.io import Access
+from core.layout import final_path
 from core.mining import MinedPairs, mine_exact, mine_fast, read_hard_pairs, write_hard_pairs
 from core.models import LoadedModel, load_model, model_from_spec
-from core.progress import Reporter
+from core.progress import Reporter, Stage
 from core.spec import JobSpec, resolve_spec
-from core.train import RunPlan, final_path, pick_device, plan_steps, train_run, world_size_for
+from core.train import RunPlan, pick_device, plan_steps, train_run, world_size_for
 
 
 @dataclass
@@ -73,7 +75,8 @@ def _check_bad(index: PairIndex, spec: JobSpec, reporter: Reporter) -> None:
                         f"{list(index.bad.items())[:3]}", param="data.max_bad_fraction")
 
 
-def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: Path) -> LoadedModel:
+def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: Path,
+           weights_cache: Path | None) -> LoadedModel:
     enc = spec.mining.encoder
     if enc == "self":
         return loaded
@@ -81,7 +84,8 @@ def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: 
         raise SpecError("mining.encoder 'unimodal' (sentence-transformers + DINOv2) is not available in this "
                         "version; use 'self' or an open_clip model name", param="mining.encoder")
     return load_model(enc, pretrained=spec.mining.encoder_pretrained, access=access, device=device,
-                      cache_dir=workdir / "weights", param_prefix="mining.encoder")
+                      weights_cache=weights_cache,
+                      cache_dir=workdir / layout.WEIGHTS_CACHE_DIR, param_prefix="mining.encoder")
 
 
 def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray, device,
@@ -89,17 +93,17 @@ def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray,
     m = spec.mining
     kw = dict(top_k=m.top_k, valid=valid, same_caption_threshold=m.same_caption_threshold,
               duplicate_threshold=m.duplicate_threshold, clamp_negative=m.clamp_negative, device=device,
-              progress=lambda done, total: reporter.progress("mining", done, total))
+              progress=lambda done, total: reporter.progress(Stage.MINING, done, total))
     t, v = torch.from_numpy(text), torch.from_numpy(image)
     if m.method == "exact":
         return mine_exact(t, v, block_size=m.block_size, **kw)
     return mine_fast(t, v, candidates=m.candidates, reference_size=m.reference_size,
-                     recall_sample=m.recall_sample, seed=spec.train.seed, **kw)
+                     recall_sample=m.recall_sample, seed=int(spec.train.seed or 0), **kw)
 
 
 def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, device, workdir: Path,
               reporter: Reporter) -> dict[str, dict[str, float]]:
-    cache = workdir / f"eval_{name}.json"
+    cache = layout.eval_cache_path(workdir, name)
     if cache.exists():
         return json.loads(cache.read_text())
     res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, spec.eval, access=access,
@@ -112,42 +116,49 @@ def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, dev
 
 
 def _train(plan: RunPlan, spec: JobSpec, index: PairIndex, neighbors, tokens, access: Access, device,
-           workdir: Path, reporter: Reporter) -> Path:
+           workdir: Path, reporter: Reporter, *, cpu_processes: int, weights_cache: Path | None) -> Path:
     if final_path(workdir, plan.run).exists():
         return final_path(workdir, plan.run)
-    world = world_size_for(spec, device)
+    world = world_size_for(spec, device, cpu_processes)
     if world > 1:
         from core.distributed import train_distributed
 
         train_distributed(world, device.type, reporter, plan=plan, spec=spec, index=index, neighbors=neighbors,
                           tokens=tokens, access=access, workdir=str(workdir))
         return final_path(workdir, plan.run)
-    loaded = model_from_spec(spec.model, access=access, device=device, cache_dir=workdir / "weights")
+    loaded = model_from_spec(spec.model, access=access, device=device, cache_dir=workdir / layout.WEIGHTS_CACHE_DIR,
+                             weights_cache=weights_cache)
     return train_run(plan, loaded=loaded, index=index, access=access, neighbors=neighbors, spec=spec,
                      workdir=workdir, reporter=reporter, device=device, tokens=tokens)
 
 
 def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None, reporter: Reporter,
-            device: str | None = None, mine_only: bool = False) -> JobResult:
-    """Run the whole job (or only embedding + mining) and write its artifacts under `workdir`."""
+            device: str | None = None, mine_only: bool = False, cpu_processes: int = 1,
+            weights_cache: Path | None = None) -> JobResult:
+    """Run the whole job (or only embedding + mining) and write its artifacts under `workdir`.
+
+    `cpu_processes`: DDP processes on a CPU-only machine when the spec does not say; `weights_cache`: where
+    open_clip's tagged weights are cached (both from helip's Settings, given by the caller).
+    """
     spec = resolve_spec(spec)
     access = access or Access()
     workdir = Path(workdir)
-    (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (workdir / layout.CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    (workdir / "spec.json").write_text(spec.model_dump_json(indent=1))
+    (workdir / layout.SPEC).write_text(spec.model_dump_json(indent=1))
     reporter.event("job spec resolved", data={"spec": spec.model_dump(mode="json"), "versions": versions(),
                                               "device": str(dev)})
 
     # Fail fast on the model (an uncached tag offline, a bad checkpoint) before reading any data.
-    loaded = model_from_spec(spec.model, access=access, device=dev, cache_dir=workdir / "weights")
+    loaded = model_from_spec(spec.model, access=access, device=dev, cache_dir=workdir / layout.WEIGHTS_CACHE_DIR,
+                             weights_cache=weights_cache)
     index = _index(spec, access)
     reporter.event(f"indexed {len(index)} training pairs", data=index.report())
 
-    reporter.stage("embedding")
-    emb_path = workdir / "embeddings.npz"
+    reporter.stage(Stage.EMBEDDING)
+    emb_path = workdir / layout.EMBEDDINGS
     cached = load_embeddings(emb_path, len(index))
     self_miner = spec.mining.encoder == "self"
     if cached is not None:
@@ -156,7 +167,7 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
             index.mark_bad(int(row), "unreadable image (found while embedding)")
         reporter.event("embeddings restored from a previous attempt")
     else:
-        miner = _miner(spec, loaded, access, dev, workdir)
+        miner = _miner(spec, loaded, access, dev, workdir, weights_cache)
         emb = embed_pairs(miner, index, access, device=dev, batch_size=spec.mining.batch_size,
                           workers=spec.data.workers, precision=spec.train.precision, reporter=reporter)
         save_embeddings(emb_path, emb, index.valid_mask())
@@ -168,9 +179,9 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     timings["embedding"] = time.perf_counter() - t0
     _check_bad(index, spec, reporter)
 
-    reporter.stage("mining")
+    reporter.stage(Stage.MINING)
     t1 = time.perf_counter()
-    pairs_path = workdir / "hard_pairs.parquet"
+    pairs_path = workdir / layout.HARD_PAIRS
     if pairs_path.exists():
         mined, _ = read_hard_pairs(pairs_path)
         reporter.event("hard pairs restored from a previous attempt")
@@ -185,7 +196,7 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     if mine_only:
         return JobResult(metrics={}, artifacts=artifacts, summary={"timings": timings, "mining": mined.report})
 
-    reporter.stage("training")
+    reporter.stage(Stage.TRAINING)
     t2 = time.perf_counter()
     steps = plan_steps(int(index.valid_mask().sum()), spec)
     runs = [RunPlan("helip", spec.helip.hard_per_target, steps, spec.train.batch_size)]
@@ -194,25 +205,27 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     del loaded
     for plan in runs:
         artifacts[f"checkpoint:{plan.run}"] = _train(plan, spec, index, mined.neighbors, tokens, access, dev,
-                                                     workdir, reporter)
+                                                     workdir, reporter, cpu_processes=cpu_processes,
+                                                     weights_cache=weights_cache)
     timings["training"] = time.perf_counter() - t2
 
-    reporter.stage("evaluating")
+    reporter.stage(Stage.EVALUATING)
     t3 = time.perf_counter()
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     models = [("baseline", spec.model.pretrained)] + [(p.run, str(final_path(workdir, p.run))) for p in runs]
     for name, weights in models:
         m = load_model(spec.model.name, config=spec.model.config, pretrained=weights,
-                       access=access if name == "baseline" else Access(), device=dev, cache_dir=workdir / "weights")
+                       access=access if name == "baseline" else Access(), device=dev,
+                       cache_dir=workdir / layout.WEIGHTS_CACHE_DIR, weights_cache=weights_cache)
         metrics[name] = _evaluate(name, m, spec, access, dev, workdir, reporter)
         del m
     timings["evaluating"] = time.perf_counter() - t3
     doc = {**metrics, "lift": lift(metrics)}
-    (workdir / "metrics.json").write_text(json.dumps(doc, indent=1))
-    artifacts["metrics"] = workdir / "metrics.json"
+    (workdir / layout.METRICS).write_text(json.dumps(doc, indent=1))
+    artifacts["metrics"] = workdir / layout.METRICS
     timings["total"] = time.perf_counter() - t0
     summary = {"timings": timings, "steps": steps, "mining": mined.report, "data": index.report(),
                "seed": spec.train.seed}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (workdir / layout.SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
     reporter.event("job finished", data=summary)
     return JobResult(metrics=metrics, artifacts=artifacts, summary=summary)

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-STAGES = ("embedding", "mining", "training", "evaluating")
+
+class Stage(StrEnum):
+    """The stages of a job, in order; a running job's `stage` is one of these."""
+
+    EMBEDDING = "embedding"
+    MINING = "mining"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+
+
+STAGES = tuple(Stage)
 
 
 class Reporter(Protocol):
     """Callbacks from `core.pipeline.run_job`. The CLI draws progress bars, the worker writes rows."""
 
-    def stage(self, name: str) -> None:
-        """A new stage starts: one of STAGES."""
+    def stage(self, name: Stage) -> None:
+        """A new stage starts."""
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
         """Something a user should read later (what mining skipped, bad samples, recall of the fast path)."""

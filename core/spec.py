@@ -1,4 +1,4 @@
-"""The job spec: one document for `POST /jobs`, `helip run` and `GET /jobs/{id}` (see CONTRACT.md).
+"""The job spec: one document for `POST /jobs`, `helip run` and `GET /jobs/{id}` (field reference: docs/spec.md).
 
 Every field has a default except `model.name` and `data.train`; unknown fields are an error.
 `resolve_spec` fills the defaults and the seed and checks values that depend on each other, and
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -223,6 +224,11 @@ class TrainSpec(_Strict):
     ssl_weight: float = Field(default=0.0, ge=0.0, le=1000.0, description="SLIP-style SimCLR image-image term")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="filled in when omitted")
     checkpoint_every: int = Field(default=200, ge=1, le=MAX_STEPS, description="optimizer steps between checkpoints")
+    keep_states: int = Field(
+        default=2, ge=1, le=1000,
+        description="resumable training states (weights + optimizer) kept in the store per run; older ones are "
+                    "deleted once a newer one is stored, and all of a run's states once its final weights are",
+    )
     devices: int | None = Field(default=None, ge=1, le=64, description="processes for DDP (default: all GPUs, 1 on CPU)")
     compile: bool = Field(default=False, description="torch.compile the model (GPU)")
     log_every: int = Field(default=10, ge=1, le=MAX_STEPS, description="optimizer steps between recorded training metrics")
@@ -298,7 +304,11 @@ class JobSpec(_Strict):
     helip: HelipSpec = Field(default_factory=HelipSpec, description="hard pairs in batches and the margin loss")
     train: TrainSpec = Field(default_factory=TrainSpec, description="the fine-tune")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="evaluation of baseline, control and boosted models")
-    control: bool = Field(default=False, description="also run a plain fine-tune with the same steps")
+    control: bool = Field(
+        default=True,
+        description="also fine-tune without hard pairs, with the same steps and batch size, and evaluate it: the "
+                    "lift over that control is what says whether the hard pairs helped (doubles the training cost)",
+    )
     name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX,
                              description=f"a label for the job, returned with it (at most {NAME_MAX} characters)")
     metadata: dict[str, str] = Field(
@@ -315,7 +325,7 @@ class JobSpec(_Strict):
         return check_metadata(value)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JobSpec":
+    def _consistent(self) -> JobSpec:
         group = 1 + self.helip.hard_per_target
         per_step = self.train.batch_size
         if per_step < group:
@@ -340,7 +350,9 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"mining.candidates ({self.mining.candidates}) must be at least mining.top_k ({self.mining.top_k})"
             )
-        names = [e.name for e in (*self.eval.zeroshot, *self.eval.retrieval, *self.eval.linear_probe)]
+        sets: list[ZeroShotSpec | RetrievalSpec | LinearProbeSpec] = [
+            *self.eval.zeroshot, *self.eval.retrieval, *self.eval.linear_probe]
+        names = [e.name for e in sets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"eval data set names must be unique; repeated: {dupes}")
@@ -353,7 +365,7 @@ _CROSS_FIELD_PARAMS = (
 )
 
 
-def _param_of(err: dict) -> str:
+def _param_of(err: Mapping[str, Any]) -> str:
     loc = [str(p) for p in err.get("loc", ()) if p != "__root__"]
     if loc:
         return ".".join(loc)

@@ -7,7 +7,6 @@ then loop over hard-pair batches with the contrastive + margin loss, checkpointi
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader
 from core.data import PairDataset, PairIndex, collate_pairs
 from core.errors import DataError, JobCancelled
 from core.io import Access
+from core.layout import final_path, state_path
 from core.losses import HelipLoss, SimCLRLoss
 from core.models import LoadedModel, load_state, save_checkpoint, unwrap
 from core.progress import Reporter
@@ -42,7 +42,7 @@ class RunPlan:
 
 
 def plan_steps(n_valid: int, spec: JobSpec) -> int:
-    """Optimizer steps of the HELIP run; the control run takes the same number (HELIP.md section 4)."""
+    """Optimizer steps of the HELIP run; the control run takes the same number (docs/spec.md, the method's decisions)."""
     targets = spec.train.batch_size // (1 + spec.helip.hard_per_target)
     per_epoch = n_valid // targets
     if per_epoch == 0:
@@ -130,14 +130,6 @@ def _micro_slices(batch_len: int, accum: int, group: int) -> list[slice]:
     per = groups // accum
     cuts = [i * per * group for i in range(accum)] + [batch_len]
     return [slice(cuts[i], cuts[i + 1]) for i in range(accum)]
-
-
-def state_path(workdir: Path, run: str) -> Path:
-    return Path(workdir) / "checkpoints" / f"{run}_latest.pt"
-
-
-def final_path(workdir: Path, run: str) -> Path:
-    return Path(workdir) / "checkpoints" / f"{run}_final.pt"
 
 
 def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: Access,
@@ -302,10 +294,10 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def world_size_for(spec: JobSpec, device: torch.device) -> int:
-    """DDP processes: spec.train.devices, else every visible GPU, else 1."""
+def world_size_for(spec: JobSpec, device: torch.device, cpu_processes: int = 1) -> int:
+    """DDP processes: spec.train.devices, else every visible GPU, else `cpu_processes` (Settings.cpu_processes)."""
     if spec.train.devices:
         return spec.train.devices
     if device.type == "cuda":
         return max(1, torch.cuda.device_count())
-    return int(os.environ.get("HELIP_CPU_PROCESSES", "1"))
+    return max(1, int(cpu_processes))

@@ -24,18 +24,26 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.data import build_index  # noqa: E402
+from helip.entry import configure_process  # noqa: E402  (after the sys.path line: run as a script)
+
+configure_process()  # an entry point: offline hub, quiet random-init warning (before open_clip is imported)
+
+from core.data import (  # noqa: E402
+    ImageListDataset,
+    build_index,  # noqa: E402
+    collate_images,
+    read_image_folder,
+)
 from core.embed import embed_pairs  # noqa: E402
-from core.data import ImageListDataset, collate_images, read_image_folder  # noqa: E402
 from core.evaluate import encode_images, eval_mode, evaluate, zeroshot_classifier  # noqa: E402
 from core.io import Access  # noqa: E402
 from core.mining import mine_exact  # noqa: E402
 from core.models import load_model  # noqa: E402
-from core.pretrain import TINY_CONFIG, TINY_NAME, pretrain_base  # noqa: E402
 from core.progress import CollectingReporter  # noqa: E402
 from core.spec import EvalSpec, resolve_spec  # noqa: E402
-from core.synth import generate_world  # noqa: E402
 from core.train import RunPlan, train_run  # noqa: E402
+from synthworld.pretrain import TINY_CONFIG, TINY_NAME, pretrain_base  # noqa: E402
+from synthworld.world import generate_world  # noqa: E402
 
 # The base models the experiment can use, all with the tests' text tower: the tests' and demo's tiny ViT
 # (patch 8: 4 x 4 patches on a 32 px image), the same ViT at patch 4, and small ModifiedResNet towers
@@ -82,7 +90,7 @@ def attribute_scores(pred: list[int], labels: list[int], classnames: list[str]) 
         raise ValueError("pred and labels must be non-empty and of one length")
     colour = [c.split()[0] for c in classnames]
     shape = [c.split()[1] for c in classnames]
-    pairs = list(zip(pred, labels))
+    pairs = list(zip(pred, labels, strict=True))
     return {"colour_acc": sum(colour[p] == colour[y] for p, y in pairs) / len(pairs),
             "shape_acc": sum(shape[p] == shape[y] for p, y in pairs) / len(pairs)}
 
@@ -120,8 +128,9 @@ def run(args: argparse.Namespace) -> None:
     world = generate_world(out / "world", n_train=args.n_train, zeroshot_per_class=args.zeroshot_per_class, seed=0,
                            workers=args.gen_workers)
     name, config = MODELS[args.model]
-    base = pretrain_base(world.train_csv, out / "base.pt", steps=args.pretrain_steps, batch_size=args.pretrain_batch_size, lr=1e-3,
-                         seed=0, config=config, name=name, device=str(device), workers=args.workers)
+    base = pretrain_base(world.train_csv, out / "base.pt", steps=args.pretrain_steps,
+                         batch_size=args.pretrain_batch_size, lr=1e-3, seed=0, config=config, name=name,
+                         device=str(device), workers=args.workers)
     print(f"world + base ready ({time.time() - t0:.0f}s)", flush=True)
     access = Access()
     index = build_index(str(world.train_csv), access=access)

@@ -28,11 +28,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helip_synth import MODELS, attribute_accuracy, folder_features  # noqa: E402
+
 from core.evaluate import eval_mode  # noqa: E402
 from core.io import Access  # noqa: E402
 from core.models import load_model  # noqa: E402
-from core.synth import SHAPES, load_world  # noqa: E402
-from helip_synth import MODELS, attribute_accuracy, folder_features  # noqa: E402
+from synthworld.world import SHAPES, load_world  # noqa: E402
 
 
 def shape_probe(loaded, world, access: Access) -> float:

@@ -6,13 +6,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from helip.cli_jobs import app as jobs_app
+from helip.entry import configure_process
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+configure_process()  # the CLI is an entry point: offline hub, quiet random-init warning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="helip: boost a trained CLIP model with hard pairs mined from its own data (HELIP).")
@@ -27,10 +27,18 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _core_options() -> dict:
+    """What core.pipeline.run_job takes from the settings (HELIP_CPU_PROCESSES, HELIP_WEIGHTS_CACHE)."""
+    from helip.settings import get_settings
+
+    settings = get_settings()
+    return {"cpu_processes": settings.cpu_processes, "weights_cache": settings.weights_cache}
+
+
 @app.command()
-def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (CONTRACT.md)"),
+def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (docs/spec.md)"),
         out: Path = typer.Option(..., "--out", help="output directory (re-running resumes from it)"),
-        device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: first GPU, else CPU)"),
+        device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: first GPU, else CPU)"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars")) -> None:
     """Run a whole job locally: embed, mine, fine-tune, evaluate. Writes metrics.json, hard_pairs.parquet,
     checkpoints/*.pt under OUT."""
@@ -42,7 +50,7 @@ def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (CONTRACT.
     try:
         job = load_spec_file(spec)
         with TerminalReporter(quiet=quiet) as rep:
-            res = run_job(job, out, reporter=rep, device=device)
+            res = run_job(job, out, reporter=rep, device=device, **_core_options())
     except HelipError as exc:
         _fail(exc)
     print_metrics(res.metrics)
@@ -55,7 +63,7 @@ def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (CONTRACT.
 @app.command()
 def mine(spec: Path = typer.Argument(..., help="job spec, JSON or YAML"),
          out: Path = typer.Option(..., "--out", help="output directory"),
-         device: Optional[str] = typer.Option(None), quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
+         device: str | None = typer.Option(None), quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Only embed and mine: writes OUT/hard_pairs.parquet."""
     from core.errors import HelipError
     from core.pipeline import run_job
@@ -65,7 +73,7 @@ def mine(spec: Path = typer.Argument(..., help="job spec, JSON or YAML"),
     try:
         job = load_spec_file(spec)
         with TerminalReporter(quiet=quiet) as rep:
-            res = run_job(job, out, reporter=rep, device=device, mine_only=True)
+            res = run_job(job, out, reporter=rep, device=device, mine_only=True, **_core_options())
     except HelipError as exc:
         _fail(exc)
     typer.echo(json.dumps(res.summary["mining"], indent=1, default=str))
@@ -77,7 +85,7 @@ def synth(out: Path = typer.Argument(..., help="directory of the synthetic world
           n_train: int = typer.Option(12_000, help="training pairs"),
           image_size: int = typer.Option(32), seed: int = typer.Option(0)) -> None:
     """Generate the synthetic image-caption world (train CSV + shards, zero-shot, retrieval, probe splits)."""
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     world = generate_world(out, n_train=n_train, image_size=image_size, seed=seed)
     typer.echo(json.dumps({k: str(v) for k, v in vars(world).items() if k not in ("classnames", "templates")},
@@ -88,11 +96,11 @@ def synth(out: Path = typer.Argument(..., help="directory of the synthetic world
 def pretrain(world: Path = typer.Argument(..., help="a synthetic world directory (helip synth)"),
              out: Path = typer.Option(..., "--out", help="where the base checkpoint goes"),
              steps: int = typer.Option(1500), batch_size: int = typer.Option(128), lr: float = typer.Option(1e-3),
-             seed: int = typer.Option(0), device: Optional[str] = typer.Option(None)) -> None:
+             seed: int = typer.Option(0), device: str | None = typer.Option(None)) -> None:
     """Pretrain the small base CLIP on a synthetic world (the model HELIP then boosts)."""
-    from core.pretrain import pretrain_base
-    from core.synth import load_world
     from helip.terminal import TerminalReporter
+    from synthworld.pretrain import pretrain_base
+    from synthworld.world import load_world
 
     w = load_world(world)
     with TerminalReporter() as rep:
@@ -113,7 +121,7 @@ def serve(host: str = typer.Option("127.0.0.1", envvar="HELIP_HOST"),
 
 @app.command()
 def worker(concurrency: int = typer.Option(1, help="jobs at once: one per GPU"),
-           queues: Optional[str] = typer.Option(None, help="comma-separated Celery queues"),
+           queues: str | None = typer.Option(None, help="comma-separated Celery queues"),
            loglevel: str = typer.Option("info")) -> None:
     """A Celery worker that runs jobs (one per GPU)."""
     from worker.celery_app import worker_argv
@@ -135,8 +143,8 @@ def migrate() -> None:
 @app.command()
 def reap() -> None:
     """Re-queue or fail running jobs whose worker stopped sending heartbeats."""
-    from helip.reaper import reap_stale_jobs
     from helip.settings import get_settings
+    from worker.reaper import reap_stale_jobs
 
     typer.echo(json.dumps(reap_stale_jobs(get_settings()), default=str))
 

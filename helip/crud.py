@@ -1,44 +1,20 @@
-"""Data functions over the service tables (keyword-only): jobs and their state changes, events, metrics, files.
-
-State changes that two processes may race on (claiming, finishing, re-queueing, cancelling) are single
-compare-and-set UPDATEs whose WHERE clause states the expected current state; they return whether they won.
+"""Data functions over the service tables (keyword-only): reading jobs, and a job's events, step metrics,
+evaluation results, checkpoints and artifacts. A job's state changes are helip.transitions'.
 Functions flush but never commit: the caller owns the transaction.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from helip.tables import (
-    ACTIVE_STATUSES, FINISHED_STATUSES, Artifact, Checkpoint, EvalResult, Event, Job, StepMetric, new_job_id,
-    utcnow,
-)
-
-def _cas(session: Session, stmt) -> int:  # noqa: ANN001 - an UPDATE
-    """Run an UPDATE and return how many rows it changed; "fetch" keeps Job objects in the session current."""
-    return session.execute(stmt, execution_options={"synchronize_session": "fetch"}).rowcount
-
+from helip.tables import ACTIVE_STATUSES, Artifact, Base, Checkpoint, EvalResult, Event, Job, StepMetric, utcnow
 
 # -- jobs ----------------------------------------------------------------------------------------------
-
-
-def create_job(
-    session: Session, *, owner: str, spec: dict[str, Any], seed: int,
-    idempotency_key: str | None = None, request_hash: str | None = None,
-) -> Job:
-    """Insert a queued job; the caller commits before sending its id to the queue."""
-    job = Job(
-        id=new_job_id(), owner=owner, status="queued", spec=spec, seed=seed, created_at=utcnow(),
-        idempotency_key=idempotency_key, request_hash=request_hash, attempts=0, cancel_requested=False,
-    )
-    session.add(job)
-    session.flush()
-    return job
 
 
 def get_job(session: Session, *, job_id: str, owner: str | None = None) -> Job | None:
@@ -78,135 +54,11 @@ def list_jobs(session: Session, *, owner: str, limit: int = 20, after: str | Non
     return rows[:limit], len(rows) > limit
 
 
-def request_cancel(session: Session, *, job_id: str) -> str | None:
-    """Cancel a job: queued -> cancelled at once, running -> cancelling (the worker finishes it).
-
-    Returns the status after the call, or None when the job had already finished (the caller answers 409).
-    """
-    now = utcnow()
-    won = _cas(
-        session,
-        update(Job).where(Job.id == job_id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now)
-    )
-    if won:
-        return "cancelled"
-    won = _cas(
-        session,
-        update(Job).where(Job.id == job_id, Job.status.in_(("running", "cancelling")))
-        .values(status="cancelling", cancel_requested=True)
-    )
-    if won:
-        return "cancelling"
-    return None
-
-
-def claim_job(
-    session: Session, *, job_id: str, worker_id: str, stale_after_seconds: float, max_attempts: int | None = None,
-) -> Job | None:
-    """Take a job for this worker: queued -> running, or running with a stale heartbeat -> running again.
-
-    attempts counts claims (1 on the first run). A redelivered message for a job that is running elsewhere,
-    finished or cancelled claims nothing and gets None: a job never runs twice at once.
-    """
-    now = utcnow()
-    stale = now - timedelta(seconds=stale_after_seconds)
-    taken_over = and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
-    if max_attempts is not None:
-        taken_over = and_(taken_over, Job.attempts < max_attempts)
-    won = _cas(
-        session,
-        update(Job).where(Job.id == job_id, or_(Job.status == "queued", taken_over))
-        .values(
-            status="running", attempts=Job.attempts + 1, worker_id=worker_id, heartbeat_at=now,
-            started_at=func.coalesce(Job.started_at, now),
-        )
-    )
-    if not won:
-        return None
-    return refresh_job(session, job_id=job_id)
-
-
-def heartbeat(session: Session, *, job_id: str, worker_id: str) -> bool:
-    """Refresh the heartbeat; False when this worker no longer owns the job (it was re-claimed or finished)."""
-    return bool(_cas(
-        session,
-        update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(("running", "cancelling")))
-        .values(heartbeat_at=utcnow())
-    ))
-
-
-def set_stage(session: Session, *, job_id: str, stage: str) -> None:
-    _cas(session, update(Job).where(Job.id == job_id).values(stage=stage))
-
-
-def set_progress(session: Session, *, job_id: str, progress: dict[str, Any], stage: str | None = None) -> None:
-    """Store the progress object {stage, done, total, step, total_steps, eta_seconds} (and the stage)."""
-    values: dict[str, Any] = {"progress": progress}
-    if stage is not None:
-        values["stage"] = stage
-    _cas(session, update(Job).where(Job.id == job_id).values(**values))
-
-
-def is_cancel_requested(session: Session, *, job_id: str) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
-def finish_job(
-    session: Session, *, job_id: str, status: str, worker_id: str | None = None,
-    error: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
-) -> bool:
-    """Move an active job to a final status; with `worker_id`, only if that worker still owns it."""
-    if status not in FINISHED_STATUSES:
-        raise ValueError(f"not a final status: {status}")
-    stmt = update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
-    if worker_id is not None:
-        stmt = stmt.where(Job.worker_id == worker_id)
-    values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
-    if error is not None:
-        values["error"] = error
-    if result is not None:
-        values["result"] = result
-    return bool(_cas(session, stmt.values(**values)))
-
-
-def find_stale_jobs(session: Session, *, stale_after_seconds: float, now: datetime | None = None) -> list[Job]:
-    """Running or cancelling jobs whose heartbeat is older than `stale_after_seconds`: their worker is gone."""
-    stale = (now or utcnow()) - timedelta(seconds=stale_after_seconds)
-    return list(session.scalars(
-        select(Job).where(
-            Job.status.in_(("running", "cancelling")),
-            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-        ).order_by(Job.heartbeat_at)
-    ))
-
-
-def requeue_job(session: Session, *, job_id: str, stale_after_seconds: float) -> bool:
-    """Stale running -> queued (the reaper then sends the task again); False if someone else moved it first."""
-    stale = utcnow() - timedelta(seconds=stale_after_seconds)
-    return bool(_cas(
-        session,
-        update(Job).where(
-            Job.id == job_id, Job.status == "running",
-            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-        ).values(status="queued", worker_id=None)
-    ))
-
-
-def queued_jobs(session: Session, *, created_before: datetime, limit: int = 1000) -> list[Job]:
-    """Queued jobs older than `created_before`, oldest first: the reaper checks whether their message was lost."""
-    return list(session.scalars(
-        select(Job).where(Job.status == "queued", Job.created_at < created_before)
-        .order_by(Job.created_at).limit(limit)
-    ))
-
-
-def lock_queued_job(session: Session, *, job_id: str) -> Job | None:
-    """The job row locked for this transaction if it is still queued (Postgres: others skip it, SQLite: no-op)."""
-    return session.scalars(
-        select(Job).where(Job.id == job_id, Job.status == "queued")
-        .with_for_update(skip_locked=True).execution_options(populate_existing=True)
-    ).one_or_none()
+def count_active_jobs(session: Session, *, owner: str) -> int:
+    """How many of `owner`'s jobs are queued, running or cancelling (the per-key quota counts these)."""
+    return int(session.scalar(
+        select(func.count(Job.id)).where(Job.owner == owner, Job.status.in_(ACTIVE_STATUSES))
+    ) or 0)
 
 
 def events_with_prefix(session: Session, *, job_id: str, prefixes: tuple[str, ...]) -> tuple[int, datetime | None]:
@@ -242,7 +94,8 @@ def list_events(session: Session, *, job_id: str, after: int | None = None, limi
 # -- idempotent inserts ----------------------------------------------------------------------------------
 
 
-def _insert(session: Session, table):  # noqa: ANN001, ANN202 - returns a dialect Insert with on_conflict_*
+def _insert(session: Session, table: type[Base]) -> Any:
+    """The dialect's INSERT for `table` (with on_conflict_do_nothing / on_conflict_do_update)."""
     name = session.get_bind().dialect.name
     if name == "postgresql":
         return postgresql.insert(table)
@@ -334,22 +187,86 @@ def record_checkpoint(
         set_={c: stmt.excluded[c] for c in ("run", "step", "sha256", "size", "final", "metrics", "created_at")},
     )
     session.execute(stmt)
+    refresh_stored_bytes(session, job_id=job_id)
 
 
-def list_checkpoints(session: Session, *, job_id: str) -> list[Checkpoint]:
-    return list(session.scalars(
-        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.run, Checkpoint.step, Checkpoint.id)
-    ))
+def list_checkpoints(
+    session: Session, *, job_id: str, include_states: bool = True, after: int | None = None,
+    limit: int | None = None,
+) -> tuple[list[Checkpoint], bool]:
+    """Oldest first (by id); `after` is the id of the last checkpoint already read. Returns (rows, has_more)."""
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if not include_states:
+        stmt = stmt.where(Checkpoint.final.is_(True))
+    if after is not None:
+        stmt = stmt.where(Checkpoint.id > after)
+    stmt = stmt.order_by(Checkpoint.id)
+    if limit is None:
+        return list(session.scalars(stmt)), False
+    rows = list(session.scalars(stmt.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
 def latest_checkpoints(session: Session, *, job_id: str) -> dict[str, Checkpoint]:
     """The newest checkpoint of each run (highest step; a final one wins a tie): what a resumed job restores."""
     latest: dict[str, Checkpoint] = {}
-    for ck in list_checkpoints(session, job_id=job_id):
+    for ck in list_checkpoints(session, job_id=job_id)[0]:
         cur = latest.get(ck.run)
         if cur is None or (ck.step, ck.final) >= (cur.step, cur.final):
             latest[ck.run] = ck
     return latest
+
+
+def surplus_states(session: Session, *, job_id: str, keep: int, run: str | None = None) -> list[Checkpoint]:
+    """Training states (non-final rows) beyond the newest `keep` of each run, and every state of a run whose
+    final weights are recorded: what the store no longer needs to keep. Oldest first."""
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if run is not None:
+        stmt = stmt.where(Checkpoint.run == run)
+    rows = list(session.scalars(stmt.order_by(Checkpoint.run, Checkpoint.step.desc(), Checkpoint.id.desc())))
+    finished = {r.run for r in rows if r.final}
+    out: list[Checkpoint] = []
+    kept: dict[str, int] = {}
+    for r in rows:
+        if r.final:
+            continue
+        if r.run in finished or kept.get(r.run, 0) >= keep:
+            out.append(r)
+        else:
+            kept[r.run] = kept.get(r.run, 0) + 1
+    return sorted(out, key=lambda r: (r.step, r.id))
+
+
+def jobs_with_surplus_states(session: Session, *, limit: int = 1000) -> list[tuple[str, int]]:
+    """(job id, keep_states) of jobs holding more than one state of a run, or a state of a finished run."""
+    many = select(Checkpoint.job_id).where(Checkpoint.final.is_(False)).group_by(Checkpoint.job_id, Checkpoint.run) \
+        .having(func.count(Checkpoint.id) > 1)
+    final_runs = select(Checkpoint.job_id, Checkpoint.run).where(Checkpoint.final.is_(True)).subquery()
+    after_final = select(Checkpoint.job_id).join(
+        final_runs, and_(final_runs.c.job_id == Checkpoint.job_id, final_runs.c.run == Checkpoint.run),
+    ).where(Checkpoint.final.is_(False))
+    rows = session.execute(
+        select(Job.id, Job.spec).where(or_(Job.id.in_(many), Job.id.in_(after_final))).order_by(Job.id).limit(limit)
+    )
+    return [(job_id, int(((spec or {}).get("train") or {}).get("keep_states") or 2)) for job_id, spec in rows]
+
+
+def delete_checkpoint(session: Session, *, checkpoint_id: int) -> None:
+    """Forget one checkpoint row (its object is deleted first by the caller) and update the job's byte count."""
+    job_id = session.scalar(select(Checkpoint.job_id).where(Checkpoint.id == checkpoint_id))
+    session.execute(delete(Checkpoint).where(Checkpoint.id == checkpoint_id))
+    if job_id is not None:
+        refresh_stored_bytes(session, job_id=job_id)
+
+
+def refresh_stored_bytes(session: Session, *, job_id: str) -> None:
+    """jobs.stored_bytes = the sizes of the job's checkpoint and artifact rows (what it holds in the store)."""
+    held = (
+        func.coalesce(select(func.sum(Checkpoint.size)).where(Checkpoint.job_id == job_id).scalar_subquery(), 0)
+        + func.coalesce(select(func.sum(Artifact.size)).where(Artifact.job_id == job_id).scalar_subquery(), 0)
+    )
+    session.execute(update(Job).where(Job.id == job_id).values(stored_bytes=held),
+                    execution_options={"synchronize_session": "fetch"})
 
 
 def record_artifact(session: Session, *, job_id: str, name: str, key: str, sha256: str, size: int) -> None:
@@ -362,6 +279,7 @@ def record_artifact(session: Session, *, job_id: str, name: str, key: str, sha25
         set_={c: stmt.excluded[c] for c in ("key", "sha256", "size", "created_at")},
     )
     session.execute(stmt)
+    refresh_stored_bytes(session, job_id=job_id)
 
 
 def get_artifact(session: Session, *, job_id: str, name: str) -> Artifact | None:
@@ -373,7 +291,15 @@ def list_artifacts(session: Session, *, job_id: str) -> list[Artifact]:
 
 
 def delete_job(session: Session, *, job_id: str) -> None:
-    """Remove a job and all its rows (the store's files are the caller's business)."""
+    """Remove a job and all its rows (the store's objects are the caller's business: the API deletes them
+    after the commit, and the worker's store reaper removes any that a failure left behind)."""
     for table in (Event, StepMetric, EvalResult, Checkpoint, Artifact):
         session.execute(delete(table).where(table.job_id == job_id))
     session.execute(delete(Job).where(Job.id == job_id))
+
+
+def job_statuses(session: Session, *, job_ids: list[str]) -> dict[str, str]:
+    """{job id: status} for the ids that still have a job row."""
+    if not job_ids:
+        return {}
+    return {job_id: status for job_id, status in session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids)))}

@@ -111,8 +111,8 @@ def _poll(client: Client, job_id: str) -> JobPublic:
 
 
 def run_demo(*, port: int, data_dir: Path) -> int:
-    from core.pretrain import pretrain_base
-    from core.synth import generate_world
+    from synthworld.pretrain import pretrain_base
+    from synthworld.world import generate_world
 
     t0 = time.time()
     data_dir = data_dir.resolve()

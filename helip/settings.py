@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # core.io is imported lazily: settings must stay importable w
 
 
 class Settings(BaseSettings):
-    """Everything the API, the worker and the CLI read from the environment (see CONTRACT.md)."""
+    """Everything the API, the worker and the CLI read from the environment (README, "Configuration")."""
 
     model_config = SettingsConfigDict(env_prefix="HELIP_", env_file=".env", extra="ignore")
 
@@ -72,9 +72,18 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120, description="connect / read / write bound per delivery")
     webhook_backoff_seconds: float = Field(default=5.0, gt=0, description="wait after the first failed delivery (doubles)")
     webhook_max_attempts: int = Field(default=8, ge=1, le=20, description="attempts before a delivery is marked failed")
+    max_active_jobs_per_key: int = Field(
+        default=20, ge=1, description="queued + running jobs one API key may have at once (more: 429)")
+    store_reap_seconds: float = Field(
+        default=600.0, gt=0,
+        description="how often each worker's reaper lists the store for objects no row accounts for")
+    cpu_processes: int = Field(
+        default=1, ge=1, le=64, description="DDP processes for a job on a machine without GPUs (train.devices unset)")
+    weights_cache: Path | None = Field(
+        default=None, description="where open_clip's tagged weights are cached (default: open_clip's own cache)")
 
     @model_validator(mode="after")
-    def _defaults_and_safety(self) -> "Settings":
+    def _defaults_and_safety(self) -> Settings:
         # Production must name every service explicitly: an embedded default there is a misconfiguration.
         if self.environment == "production":
             missing = [
@@ -172,7 +181,7 @@ class Settings(BaseSettings):
             read_timeout=self.s3_read_timeout_seconds,
         )
 
-    def access(self) -> "Access":
+    def access(self) -> Access:
         """What submitted jobs may read: the allowed prefixes plus the S3 credentials."""
         from core.io import Access
 

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-    UniqueConstraint, text,
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -25,9 +38,19 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
-ACTIVE_STATUSES = ("queued", "running", "cancelling")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+class JobStatus(StrEnum):
+    """A job's status; the column stores the value. Transitions live in helip.transitions."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING)
+FINISHED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class UTCDateTime(TypeDecorator):
@@ -36,21 +59,21 @@ class UTCDateTime(TypeDecorator):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:  # noqa: ANN001
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         # SQLite compares datetimes as strings: store them all naive in UTC so the order is right.
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:  # noqa: ANN001
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
+            return value.replace(tzinfo=UTC)
         return value
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_job_id() -> str:
@@ -68,8 +91,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
     owner: Mapped[str] = mapped_column(String(64))  # sha256 of the API key, or "local"
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    stage: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)  # a JobStatus value
+    stage: Mapped[str | None] = mapped_column(String(16))  # a core.progress.Stage value while running
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -89,11 +112,14 @@ class Job(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict, server_default=text("'{}'"))
     # the last event id the webhook dispatcher has turned into deliveries; NULL: no webhook, or all sent
     webhook_cursor: Mapped[int | None] = mapped_column(BigInteger)
+    # bytes of the job's objects in the store (checkpoint and artifact rows), kept current by helip.crud
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
         Index("ix_jobs_owner_created", "owner", "created_at", "id"),  # GET /jobs, newest first
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),  # the reaper's stale scan
+        Index("ix_jobs_owner_status", "owner", "status"),  # the per-key quota of queued + running jobs
     )
 
 

@@ -17,7 +17,7 @@ class TerminalReporter:
         self.bar: tqdm | None = None
         self.bar_key: str | None = None
 
-    def __enter__(self) -> "TerminalReporter":
+    def __enter__(self) -> TerminalReporter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

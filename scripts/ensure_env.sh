@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:?VENV must name the virtual environment directory}
 log() { printf '[helip] %s\n' "$*" >&2; }
-# pip lists every local mirror it cannot use as a warning; they are harmless noise (INFRA.md row 1)
+# pip lists every local mirror it cannot use as a warning; they are harmless noise (the machine's package mirrors)
 quiet_pip() { "$@" 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }; }
 
 # 1. an interpreter that is new enough

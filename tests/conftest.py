@@ -7,10 +7,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
-# Before anything imports torch: OpenMP threads starve each other on the 2 shared cores (INFRA.md 3c),
+# Before anything imports torch: OpenMP threads starve each other on the 2 shared cores (4-5x slower),
 # and an open_clip weight lookup without HF_HUB_OFFLINE stalls 46 s on DNS retries.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"

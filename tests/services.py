@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 LOOPBACK = "127.0.0.1"
@@ -295,7 +295,7 @@ class S3Server(_ProcessService):
         # pin every one to a free port so parallel sessions and the machine's own services never clash.
         names = ["s3", "master", "volume", "filer", "admin", "master_grpc", "volume_grpc", "filer_grpc",
                  "s3_grpc", "admin_grpc"]
-        self.ports = dict(zip(names, free_ports(len(names))))
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.port = self.ports["s3"]
 
     @property

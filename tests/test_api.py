@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from helip import crud, db
+from helip import crud, db, transitions
 from helip.settings import Settings
 from helip.store import FileStore
 
@@ -204,7 +204,7 @@ def test_auth_required_and_jobs_private_per_key(client: TestClient, data_dir: Pa
     assert client.post("/jobs", json=make_spec(data_dir), headers={"Authorization": "Basic abc"}).status_code == 401
     job_id = client.post("/jobs", json=make_spec(data_dir), headers=auth("key-alice")).json()["id"]
     for method, path in [("GET", ""), ("POST", "/cancel"), ("GET", "/metrics"), ("GET", "/events"),
-                         ("GET", "/checkpoints"), ("GET", "/hard-pairs")]:
+                         ("GET", "/checkpoints"), ("GET", "/hard-pairs"), ("DELETE", "")]:
         r = client.request(method, f"/jobs/{job_id}{path}", headers=auth("key-bob"))
         assert r.status_code == 404, (method, path, r.text)
         assert r.json()["error"]["code"] == "not_found"
@@ -228,11 +228,11 @@ def test_cancel_queued_then_running(client: TestClient, settings: Settings, data
     # a running job goes to cancelling; the worker finishes it
     running = client.post("/jobs", json=make_spec(data_dir), headers=h).json()["id"]
     with db.session_scope(settings) as s:
-        assert crud.claim_job(s, job_id=running, worker_id="w-test", stale_after_seconds=60) is not None
+        assert transitions.claim_job(s, job_id=running, worker_id="w-test", stale_after_seconds=60) is not None
     r = client.post(f"/jobs/{running}/cancel", headers=h)
     assert r.json()["status"] == "cancelling" and r.json()["cancel_requested"] is True
     with db.session_scope(settings) as s:
-        assert crud.finish_job(s, job_id=running, status="cancelled", worker_id="w-test")
+        assert transitions.finish_job(s, job_id=running, status="cancelled", worker_id="w-test")
     assert client.get(f"/jobs/{running}", headers=h).json()["status"] == "cancelled"
 
 
@@ -265,9 +265,9 @@ def test_metrics_events_checkpoints_hard_pairs(client: TestClient, settings: Set
         crud.record_eval(s, job_id=job_id, model="baseline", dataset="shapes", metrics={"acc1": 0.5})
         for i in range(5):
             crud.add_event(s, job_id=job_id, message=f"event {i}", data={"i": i})
-        sha, size = store.put_file(f"jobs/{job_id}/checkpoints/helip_step5.pt", ck_file)
-        crud.record_checkpoint(s, job_id=job_id, run="helip", step=5, key=f"jobs/{job_id}/checkpoints/helip_step5.pt",
-                               sha256=sha, size=size, metrics={"loss": 0.2})
+        sha, size = store.put_file(f"jobs/{job_id}/checkpoints/helip_final.pt", ck_file)
+        crud.record_checkpoint(s, job_id=job_id, run="helip", step=5, key=f"jobs/{job_id}/checkpoints/helip_final.pt",
+                               sha256=sha, size=size, final=True, metrics={"loss": 0.2})
         hp_sha, hp_size = store.put_file(f"jobs/{job_id}/hard_pairs.parquet", tmp_path / "hp.parquet")
         crud.record_artifact(s, job_id=job_id, name="hard_pairs", key=f"jobs/{job_id}/hard_pairs.parquet",
                              sha256=hp_sha, size=hp_size)

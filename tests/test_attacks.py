@@ -122,7 +122,7 @@ def test_service_state_is_never_read_as_job_data_and_acknowledged_jobs_survive(e
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("attack-world") / "world", n_train=64, n_retrieval=16,
                           zeroshot_per_class=1, probe_per_class=(1, 1), shards=1, seed=9)

@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench import data as bdata
+from bench import e2e as be2e
+from bench import gpu as bgpu
+from bench import mining as bmining
+from bench import report as breport
+from bench import step as bstep
+from bench.common import fit_exponent, isolated, table
 
-from bench import data as bdata  # noqa: E402
-from bench import e2e as be2e  # noqa: E402
-from bench import gpu as bgpu  # noqa: E402
-from bench import mining as bmining  # noqa: E402
-from bench import report as breport  # noqa: E402
-from bench import step as bstep  # noqa: E402
-from bench.common import fit_exponent, isolated, table  # noqa: E402
+torch.set_num_threads(1)  # (tests/conftest.py has set OMP_NUM_THREADS and HF_HUB_OFFLINE before any import)
 
 
 def _finite_positive(x: float) -> bool:
@@ -130,7 +128,7 @@ def test_recall_at_k_matches_a_set_reference():
     fast = np.stack([rng.permutation(30)[:6] for _ in range(50)])
     exact[3, 4:] = -1  # short list: pads are ignored
     fast[7] = exact[7]
-    ref = np.mean([len(set(e[e >= 0]) & set(f[f >= 0])) / len(e[e >= 0]) for e, f in zip(exact, fast)])
+    ref = np.mean([len(set(e[e >= 0]) & set(f[f >= 0])) / len(e[e >= 0]) for e, f in zip(exact, fast, strict=True)])
     assert bmining.recall_at_k(fast, exact) == pytest.approx(ref)
     assert bmining.recall_at_k(exact, exact) == pytest.approx(1.0)
 

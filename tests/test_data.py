@@ -18,7 +18,10 @@ from core import io as dio
 from core.data import BadSample, PairDataset, build_index, collate_pairs, load_image
 from core.errors import DataError, LocationError
 from core.io import Access
-from tests.test_io import _put, weed_s3  # noqa: F401  (weed_s3: the module-scoped real S3 fixture)
+from tests import test_io
+from tests.test_io import _put
+
+weed_s3 = test_io.weed_s3  # the module-scoped real S3 fixture, shared with tests/test_io.py
 
 torch.set_num_threads(1)
 
@@ -327,7 +330,7 @@ def test_dataloader_with_two_workers(pairs):
     seen, bad = [], []
     for batch in loader:
         assert batch["images"].shape[1:] == (3, 10, 12) and batch["texts"].shape[1] == 8
-        for img, text, row in zip(batch["images"], batch["texts"], batch["rows"].tolist()):
+        for img, text, row in zip(batch["images"], batch["texts"], batch["rows"].tolist(), strict=True):
             np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), _pixels(row))
             assert int(text[0]) == len(index.captions[row])
             seen.append(row)
@@ -341,7 +344,7 @@ def test_dataset_rows_subset_and_empty_batch(pairs):
     index.mark_bad(1, "not an image")
     ds = PairDataset(index, Access(), _to_tensor, _tokens, rows=np.array([4, 1, 2]))
     items = [ds[i] for i in range(len(ds))]
-    assert len(ds) == 3 and items[0]["row"] == 4 and items[1] is None and items[2]["row"] == 2
+    assert len(ds) == 3 and items[0]["row"] == 4 and items[1] == {"bad": (1, "not an image")} and items[2]["row"] == 2
     batch = collate_pairs(items)
     assert batch["rows"].tolist() == [4, 2] and batch["bad_rows"] == [(1, "not an image")]
     empty = collate_pairs([ds[1]])

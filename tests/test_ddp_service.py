@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("ddp") / "world", n_train=160, n_retrieval=32,
                           zeroshot_per_class=1, probe_per_class=(1, 1), shards=2, seed=5)

@@ -121,7 +121,7 @@ def test_retrieval_matches_slow_loop_on_random_data():
     rng = random.Random(0)
     texts = [rng.choice(["a dog", "a cat ", " a cat", "a bird", "a car", "a tree"]) for _ in range(n_txt)]
     caps = [[] for _ in range(n_img)]
-    for t, i in zip(texts, t2i.tolist()):
+    for t, i in zip(texts, t2i.tolist(), strict=True):
         caps[i].append(t)
     got = retrieval_metrics(img, txt, t2i, texts=texts, ks=ks)
     assert got == pytest.approx(_slow_retrieval(img, txt, t2i, ks, caps, texts))

@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import update
 
 from core.spec import resolve_spec
-from helip import crud, db
+from helip import db, transitions
 from helip.settings import Settings
 from helip.tables import Job, utcnow
 from tests.test_service_e2e import FINISHED, KEY, Service, assert_steps_once, job_spec
@@ -31,7 +31,7 @@ OWNER = hashlib.sha256(KEY.encode()).hexdigest()  # the owner id the API derives
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("faults") / "world", n_train=200, n_retrieval=40,
                           zeroshot_per_class=1, probe_per_class=(1, 1), shards=2, seed=7)
@@ -74,12 +74,13 @@ def finished_once(svc: Service, job_id: str) -> list[dict[str, Any]]:
 
 
 def checkpoints(svc: Service, job_id: str) -> list[dict[str, Any]]:
-    r = svc.http.get(f"/jobs/{job_id}/checkpoints")
+    """The checkpoints the store keeps, training states included (the newest train.keep_states of a run)."""
+    r = svc.http.get(f"/jobs/{job_id}/checkpoints", params={"include": "states", "limit": 100})
     assert r.status_code == 200, r.text
     return r.json()["data"]
 
 
-def training_past_a_checkpoint(svc: Service, job_id: str):  # noqa: ANN201 - a predicate for Service.wait
+def training_past_a_checkpoint(svc: Service, job_id: str) -> Callable[[dict[str, Any]], bool]:
     def check(job: dict[str, Any]) -> bool:
         assert job["status"] in ("queued", "running"), json.dumps(job)[:2000]
         steps = [s["step"] for s in svc.steps(job_id)]
@@ -160,7 +161,9 @@ def test_postgres_restart_while_a_job_runs(service: Service, world, pg_server):
     assert job["status"] == "succeeded" and job["attempts"] == 1, json.dumps(job)[:3000]
     finished_once(service, job_id)
     assert_steps_once(service.steps(job_id), "helip", 24)  # writes during the outage were retried, not dropped
-    assert sorted(c["step"] for c in checkpoints(service, job_id) if not c["final"]) == [6, 12, 18, 24]
+    # every interval's state was stored (the last step's is not: the final weights follow it at once)
+    stored = [e["data"]["step"] for e in service.events(job_id) if e["message"].startswith("helip: checkpoint at")]
+    assert stored == [6, 12, 18]
     print(f"\npostgres was down for {down_s:.1f} s")
 
 
@@ -192,10 +195,12 @@ def test_store_outage_is_retried_and_a_lasting_one_fails_clearly_keeping_the_che
     assert "retrying" in service.log_tail("s3", 200_000)  # the first outage was ridden out by retries
     assert job["status"] == "failed" and job["attempts"] == 1, json.dumps(job)[:3000]
     assert job["error"]["code"] == "storage_error" and "upload" in job["error"]["message"], job["error"]
-    assert "kept in" in job["error"]["message"]
+    assert "kept on" in job["error"]["message"]
     kept = next(e["data"] for e in finished_once(service, job_id) if (e["data"] or {}).get("kept_checkpoints"))
-    newest = Path(kept["newest"])
-    assert newest.is_file() and newest.parent == Path(kept["kept_checkpoints"])
+    folder = Path(service.env["HELIP_DATA_DIR"]) / "kept" / job_id / "attempt-1"  # named in the worker log only
+    assert str(folder) not in json.dumps(kept) + job["error"]["message"] and str(folder) in service.log_tail("s3", 10**7)
+    assert sorted(p.name for p in folder.glob("*.pt")) == kept["kept_checkpoints"]
+    newest = max(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
     state = torch.load(newest, map_location="cpu", weights_only=True)  # a real, loadable training state
     stored = max(c["step"] for c in checkpoints(service, job_id))
     assert state["step"] >= stored  # the local one is at least as new as the last one the store holds
@@ -215,7 +220,7 @@ def _insert(settings: Settings, spec: dict[str, Any], **values: Any) -> str:
     """A job row as a vanished worker would leave it (no queue message: only the reaper can move it)."""
     resolved = resolve_spec(spec).model_dump(mode="json")
     with db.session_scope(settings) as s:
-        job = crud.create_job(s, owner=OWNER, spec=resolved, seed=int(resolved["train"]["seed"]))
+        job = transitions.create_job(s, owner=OWNER, spec=resolved, seed=int(resolved["train"]["seed"]))
         s.execute(update(Job).where(Job.id == job.id).values(**values))
         return job.id
 
@@ -248,7 +253,7 @@ def test_reaper_finds_vanished_workers_and_lost_messages(service: Service, world
 
 
 def test_resend_waits_double_after_each_send_and_stop_doubling():
-    from helip.reaper import MAX_RESEND_DOUBLINGS, resend_due
+    from worker.reaper import MAX_RESEND_DOUBLINGS, resend_due
 
     t0 = utcnow()
     for sends in range(10):

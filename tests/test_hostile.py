@@ -178,11 +178,11 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         if isinstance(path, (str, bytes, os.PathLike)):
             seen.append(os.fsdecode(path))
 
-    def spy_open(file: Any, *a: Any, **k: Any):  # noqa: ANN202
+    def spy_open(file: Any, *a: Any, **k: Any) -> Any:
         note(file)
         return real_open(file, *a, **k)
 
-    def spy_io_open(file: Any, *a: Any, **k: Any):  # noqa: ANN202
+    def spy_io_open(file: Any, *a: Any, **k: Any) -> Any:
         note(file)
         return real_io_open(file, *a, **k)
 
@@ -265,6 +265,7 @@ def test_fuzz_the_api_from_its_openapi_schema(settings: Settings, tree: dict[str
     counts: dict[str, int] = {}
     statuses: dict[int, int] = {}
     empty: list[str] = []
+    current: dict[str, str] = {}
     # A real job id of this key, so that the /jobs/{job_id}/... operations also reach their found branch.
     with TestClient(app) as c:
         job_id = c.post("/jobs", json=base_spec(tree["allowed"]), headers=auth()).json()["id"]
@@ -272,6 +273,7 @@ def test_fuzz_the_api_from_its_openapi_schema(settings: Settings, tree: dict[str
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             label = f"{operation.label} [{mode.value}]"
+            current["label"] = label  # what run() below reports (run is called in this iteration only)
             params = {"job_id": job_id} if "{job_id}" in operation.path and mode == GenerationMode.POSITIVE else None
             strategy = operation.as_strategy(generation_mode=mode, headers=auth(), path_parameters=params)
 
@@ -280,6 +282,7 @@ def test_fuzz_the_api_from_its_openapi_schema(settings: Settings, tree: dict[str
             @given(case=strategy)
             def run(case: Any) -> None:
                 response = case.call()
+                label = current["label"]
                 counts[label] = counts.get(label, 0) + 1
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 where = f"{label}: {response.status_code} {response.text[:300]!r} for {case.as_curl_command()}"
@@ -377,7 +380,7 @@ class Evil:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("hostile-world") / "world", n_train=200, n_retrieval=40,
                           zeroshot_per_class=1, probe_per_class=(1, 1), shards=2, seed=5)
@@ -546,7 +549,7 @@ def test_another_keys_job_is_404_everywhere_and_links_do_not_transfer(client: Te
     key = f"jobs/{job_id}/checkpoints/helip_step1.pt"
     sha, size = store.put_file(key, tmp_path / "ck.pt")
     with db.session_scope(settings) as s:
-        crud.record_checkpoint(s, job_id=job_id, run="helip", step=1, key=key, sha256=sha, size=size)
+        crud.record_checkpoint(s, job_id=job_id, run="helip", step=1, key=key, sha256=sha, size=size, final=True)
         crud.record_artifact(s, job_id=job_id, name="hard_pairs", key=key, sha256=sha, size=size)
     paths = ["", "/cancel", "/metrics", "/events", "/checkpoints", "/hard-pairs"]
     for path in paths:
@@ -588,7 +591,7 @@ def test_presigned_s3_links_from_the_api_expire(settings: Settings, s3, tree: di
         key = f"jobs/{job_id}/checkpoints/helip_step1.pt"
         sha, size = store.put_file(key, tmp_path / "ck.pt")
         with db.session_scope(s3_settings) as s:
-            crud.record_checkpoint(s, job_id=job_id, run="helip", step=1, key=key, sha256=sha, size=size)
+            crud.record_checkpoint(s, job_id=job_id, run="helip", step=1, key=key, sha256=sha, size=size, final=True)
         ck = c.get(f"/jobs/{job_id}/checkpoints", headers=auth()).json()["data"][0]
         assert c.get(f"/jobs/{job_id}/checkpoints", headers=auth(KEYS[1])).status_code == 404
     fresh = httpx.get(ck["url"], timeout=10)

@@ -65,7 +65,7 @@ def weed_s3(tmp_path_factory):
                 break  # any HTTP answer (403 for anonymous) means S3 is up
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("weed did not start: " + (d / "weed.out").read_text()[-2000:])
+                    raise RuntimeError("weed did not start: " + (d / "weed.out").read_text()[-2000:]) from None
                 time.sleep(0.1)
         cfg = S3Config(endpoint=f"http://{endpoint}", access_key=S3_KEY, secret_key=S3_SECRET)
         client = dio.s3_client(cfg)

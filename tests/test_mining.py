@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import DataError, SpecError
-from core.mining import (MinedPairs, mine_exact, mine_fast, pair_scores_reference, read_hard_pairs,
-                         write_hard_pairs)
+from core.mining import MinedPairs, mine_exact, mine_fast, pair_scores_reference, read_hard_pairs, write_hard_pairs
 
 torch.set_num_threads(1)
 
@@ -175,7 +174,7 @@ def test_mine_fast_flat_recall_on_clustered_data() -> None:
     text, image = _clustered(3000, 60)
     mined = mine_fast(text, image, top_k=10, recall_sample=300, seed=1)
     exact = mine_exact(text, image, top_k=10)
-    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(mined.neighbors, exact.neighbors)])
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(mined.neighbors, exact.neighbors, strict=True)])
     assert overlap >= 0.95
     assert mined.report["recall_at_k"] >= 0.95 and mined.report["recall_queries"] == 300
     assert abs(mined.report["recall_at_k"] - overlap) < 0.05  # the sampled estimate tracks the truth
@@ -209,7 +208,7 @@ def test_hard_pairs_parquet_round_trip(tmp_path, planted) -> None:
     np.testing.assert_array_equal(back.neighbors, mined.neighbors)
     np.testing.assert_array_equal(back.scores, mined.scores)  # NaN pads compare equal here
     np.testing.assert_array_equal(back.valid, valid[:40])
-    assert back_keys == [k if v else "" for k, v in zip(keys, valid[:40])]
+    assert back_keys == [k if v else "" for k, v in zip(keys, valid[:40], strict=True)]
     assert back.report["method"] == "exact"
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,7 +19,7 @@ from core.io import Access
 from core.mining import read_hard_pairs
 from core.pipeline import run_job
 from core.progress import CollectingReporter
-from core.synth import generate_world
+from synthworld.world import generate_world
 
 TINY = {"embed_dim": 64,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},

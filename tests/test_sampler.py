@@ -102,7 +102,7 @@ def test_two_ranks_are_disjoint_and_cover_the_single_process_batches() -> None:
         s.set_epoch(2)
     b_one, b0, b1 = list(one), list(r0), list(r1)
     assert len(b0) == len(b1) == len(b_one) == valid.sum() // 6
-    for full, a, b in zip(b_one, b0, b1):
+    for full, a, b in zip(b_one, b0, b1, strict=True):
         assert not set(a) & set(b)
         assert a + b == full
         assert all(valid[row] for row in full)

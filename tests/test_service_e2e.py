@@ -34,7 +34,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     return generate_world(tmp_path_factory.mktemp("e2e") / "world", n_train=240, n_retrieval=40,
                           zeroshot_per_class=1, probe_per_class=(1, 1), shards=2, seed=3)
@@ -51,6 +51,7 @@ def job_spec(world, *, steps: int, checkpoint_every: int, workers: int = 0) -> d
         "train": {"batch_size": 32, "epochs": 100, "max_steps": steps, "lr": 1e-3, "warmup": 2,
                   "checkpoint_every": checkpoint_every, "log_every": 1, "seed": 11},
         "eval": {**ev, "batch_size": 64},
+        "control": False,  # one run is enough here; tests/test_pipeline.py and test_storage.py run the control
     }
 
 
@@ -213,19 +214,24 @@ def test_a_job_runs_to_succeeded_and_its_checkpoint_loads(service: Service, worl
     assert job["status"] == "succeeded", json.dumps(job)[:3000]
     assert job["attempts"] == 1 and job["error"] is None and job["finished_at"] is not None
     assert live_steps > 0 and live_events > 0
-    assert set(job["result"]["metrics"]) == {"baseline", "helip"}
-    helip = job["result"]["metrics"]["helip"]
+    metrics = service.http.get(f"/jobs/{job_id}/metrics").json()
+    assert set(metrics["eval"]) == {"baseline", "helip"}
+    helip = metrics["eval"]["helip"]
     assert set(helip) == {"shapes", "retrieval"} and 0.0 <= helip["shapes"]["acc1"] <= 1.0
     assert_steps_once(service.steps(job_id), "helip", 12)
-    metrics = service.http.get(f"/jobs/{job_id}/metrics").json()
-    assert metrics["eval"]["helip"] == job["result"]["metrics"]["helip"]
+    assert "metrics" not in job["result"] and job["result"]["artifacts"]["metrics"]["sha256"]  # recorded once
     messages = [e["message"] for e in service.events(job_id)]
     assert [m for m in messages if m.startswith("stage: ")] == [
         "stage: embedding", "stage: mining", "stage: training", "stage: evaluating"]
 
+    # states at 4 and 8 were stored and deleted once the final weights were: only those are left
+    stored = [e["data"]["step"] for e in service.events(job_id) if e["message"].startswith("helip: checkpoint at")]
+    assert stored == [4, 8]
     cks = service.http.get(f"/jobs/{job_id}/checkpoints").json()["data"]
-    assert [(c["step"], c["final"]) for c in cks if not c["final"]] == [(4, False), (8, False), (12, False)]
-    final = next(c for c in cks if c["final"])
+    with_states = service.http.get(f"/jobs/{job_id}/checkpoints", params={"include": "states"}).json()["data"]
+    assert [c["id"] for c in with_states] == [c["id"] for c in cks]
+    assert [(c["run"], c["step"], c["final"]) for c in cks] == [("helip", 12, True)]
+    final = cks[0]
     blob = httpx.get(final["url"], timeout=30).content  # a presigned URL: no API key needed
     assert sha256(blob) == final["sha256"] and len(blob) == final["size"]
     path = tmp_path / "helip_final.pt"
@@ -262,7 +268,9 @@ def test_cancelling_a_running_job_ends_it_cancelled(service: Service, world):
     assert job["status"] == "cancelled" and job["cancel_requested"] is True
     assert max(s["step"] for s in service.steps(job_id)) < 2000
     # the run saved its state on the way out, so a checkpoint exists
-    assert any(not c["final"] for c in service.http.get(f"/jobs/{job_id}/checkpoints").json()["data"])
+    cks = service.http.get(f"/jobs/{job_id}/checkpoints", params={"include": "states"}).json()["data"]
+    assert any(not c["final"] for c in cks)
+    assert service.http.get(f"/jobs/{job_id}/checkpoints").json()["data"] == []  # states only when asked
     assert service.http.post(f"/jobs/{job_id}/cancel").status_code == 409
 
 
@@ -276,7 +284,7 @@ def test_a_killed_worker_job_is_finished_by_another_from_its_checkpoint(service:
         def mid_training(job: dict[str, Any]) -> bool:
             assert job["status"] == "running" or job["status"] == "queued", job["status"]
             steps = [s["step"] for s in service.steps(job_id)]
-            cks = service.http.get(f"/jobs/{job_id}/checkpoints").json()["data"]
+            cks = service.http.get(f"/jobs/{job_id}/checkpoints", params={"include": "states"}).json()["data"]
             return bool(cks) and max(steps) > max(c["step"] for c in cks)
 
         service.wait(job_id, mid_training, timeout=400, workers=[first])

@@ -1,4 +1,4 @@
-"""Tests for core.synth / core.synth_render: the synthetic world's determinism, captions, layout and caching."""
+"""Tests for synthworld.world / synthworld.render: the synthetic world's determinism, captions, layout and caching."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from PIL import Image
 
 from core.errors import DataError, SpecError
 from core.spec import EvalSpec, parse_spec
-from core.synth import (
+from synthworld.render import POSITION_PHRASES, SIZE_WORDS, encode_jpeg, unique_attributes, unique_combinations
+from synthworld.world import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,
@@ -33,7 +34,6 @@ from core.synth import (
     render,
     sample_attributes,
 )
-from core.synth_render import POSITION_PHRASES, SIZE_WORDS, encode_jpeg, unique_attributes, unique_combinations
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(120)
@@ -97,7 +97,7 @@ def _object_mask(attrs: Attributes, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_render_draws_the_stated_position_size_and_color():
     """Every attribute is visible: centroid in the stated region, area grows with size, hue nearest its colour."""
-    from core.synth_render import _COLOR_HSV
+    from synthworld.render import _COLOR_HSV
 
     rng = np.random.default_rng(11)
     areas: dict[str, list[int]] = {s: [] for s in SIZES}
@@ -133,7 +133,7 @@ def test_captions_name_only_true_attributes_in_varied_phrasings():
     attrs = sample_attributes(rng, 800)
     texts = [caption(a, rng) for a in attrs]
     omitted = {"size": 0, "position": 0, "background": 0}
-    for a, t in zip(attrs, texts):
+    for a, t in zip(attrs, texts, strict=True):
         assert _has(t, a.color) and _has(t, a.shape), t
         named_colors = {c for c in COLORS if _has(t, c)}
         assert named_colors <= {a.color, a.distractor_color}, t

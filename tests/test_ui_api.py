@@ -37,7 +37,7 @@ def allowed(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def world(allowed: Path):
-    from core.synth import generate_world
+    from synthworld.world import generate_world
 
     return generate_world(allowed / "world", n_train=64, n_retrieval=8, zeroshot_per_class=1, probe_per_class=(1, 1),
                           shards=2, seed=5, image_size=64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import threading
@@ -18,13 +19,13 @@ from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import sessionmaker
 
 from core.errors import DataError, JobCancelled
-from helip import crud, db
-from helip.reaper import reap, reap_stale_jobs
+from helip import crud, db, transitions
 from helip.settings import Settings
 from helip.store import FileStore
 from helip.tables import Artifact, Checkpoint, Event, Job, StepMetric, utcnow
 from worker.celery_app import make_celery, worker_argv
 from worker.files import JobFiles
+from worker.reaper import reap, reap_stale_jobs
 from worker.reporter import DbReporter, Heartbeat, Lease
 from worker.runner import execute_job
 
@@ -60,7 +61,7 @@ def store(tmp_path: Path) -> FileStore:
 
 def new_job(sessions, **values: Any) -> str:
     with sessions() as s:
-        job = crud.create_job(s, owner="local", spec=SPEC, seed=7)
+        job = transitions.create_job(s, owner="local", spec=SPEC, seed=7)
         if values:
             s.execute(update(Job).where(Job.id == job.id).values(**values))
         s.commit()
@@ -97,7 +98,7 @@ def write(path: Path, data: bytes) -> Path:
 def fake_job(calls: list, *, die_after_checkpoint: bool = False):
     """A pipeline with the real one's calls and files, minus the ML: embed, mine, 3 checkpoints, evaluate."""
 
-    def pipeline(spec, workdir: Path, *, access, reporter, device=None):
+    def pipeline(spec, workdir: Path, *, access, reporter, device=None, **options):
         calls.append({"workdir": workdir, "files": sorted(p.relative_to(workdir).as_posix()
                                                           for p in workdir.rglob("*") if p.is_file())})
         reporter.stage("embedding")
@@ -150,19 +151,25 @@ def test_a_job_runs_once_and_records_rows_files_and_result(sessions, settings, s
     with sessions() as s:
         assert crud.eval_results(s, job_id=job_id) == {"baseline": {"shapes": {"acc1": 0.5}},
                                                       "helip": {"shapes": {"acc1": 0.75}}}
+    # the states at steps 2 and 4 were stored, then deleted once the final weights were (the state at the
+    # last step was not uploaded at all: the final weights follow it at once)
     cks = rows(sessions, Checkpoint, job_id)
-    assert [(c.step, c.final) for c in cks] == [(2, False), (4, False), (6, False), (6, True)]
-    # each checkpoint object holds the bytes of its step, with the recorded digest
-    for c in cks:
-        path = store.local_path(c.key)
-        assert sha(path) == c.sha256 and path.stat().st_size == c.size
-    assert store.local_path(cks[0].key).read_bytes() == b"state=2"
+    assert [(c.step, c.final) for c in cks] == [(6, True)]
+    stored = [e.data for e in rows(sessions, Event, job_id) if e.message.endswith("stored")]
+    assert [(d["step"], d["final"]) for d in stored] == [(2, False), (4, False), (6, True)]
+    assert not store.exists(stored[0]["key"]) and not store.exists(stored[1]["key"])
+    assert not (store.root / "jobs" / job_id / "states").exists() or not any(
+        p.is_file() for p in (store.root / "jobs" / job_id / "states").rglob("*"))
+    path = store.local_path(cks[0].key)
+    assert sha(path) == cks[0].sha256 and path.stat().st_size == cks[0].size and path.read_bytes() == b"final"
     arts = {a.name: a for a in rows(sessions, Artifact, job_id)}
-    assert set(arts) == {"embeddings", "hard_pairs", "eval:baseline", "metrics", "checkpoint:helip"}
-    assert arts["checkpoint:helip"].key == cks[-1].key  # the final checkpoint is not uploaded twice
+    # the final weights are a checkpoint row only, not also an artifact row
+    assert set(arts) == {"embeddings", "hard_pairs", "eval:baseline", "metrics"}
+    assert job.result["artifacts"]["checkpoint:helip"]["key"] == cks[0].key  # not uploaded twice
     assert store.local_path(arts["hard_pairs"].key).read_bytes() == b"pairs"
     assert job.result["artifacts"]["metrics"]["sha256"] == hashlib.sha256(b'{"helip": {}}').hexdigest()
-    assert job.result["metrics"]["helip"]["shapes"]["acc1"] == 0.75
+    assert "metrics" not in job.result  # the metrics are the eval rows and metrics.json, once each
+    assert job.stored_bytes == cks[0].size + sum(a.size for a in arts.values())
     assert isinstance(job.result["summary"]["where"], str)
     messages = [e.message for e in rows(sessions, Event, job_id)]
     assert "stage: training" in messages and "attempt 1 started" in messages
@@ -186,40 +193,42 @@ def test_a_running_job_with_a_live_heartbeat_is_not_claimed(sessions, settings, 
 def test_failures_end_failed_with_the_error(sessions, settings, store, exc, code, param):
     job_id = new_job(sessions)
 
-    def pipeline(spec, workdir, *, access, reporter, device=None):
+    def pipeline(spec, workdir, *, access, reporter, device=None, **options):
         reporter.stage("embedding")
         raise exc
 
     assert execute_job(job_id, settings=settings, sessions=sessions, store=store, pipeline=pipeline) == "failed"
     job = get(sessions, job_id)
     assert job.status == "failed" and job.error["code"] == code and job.error["param"] == param
-    assert str(exc) in job.error["message"]
     last = rows(sessions, Event, job_id)[-1]
     assert last.level == "error"
-    if code == "internal_error":  # the traceback goes to an event, not to the user-facing error
-        assert "ZeroDivisionError" in last.data["traceback"] and "Traceback" not in job.error["message"]
+    if code == "internal_error":  # the type only: the traceback and the text go to the worker log
+        assert job.error["message"] == "internal error (ZeroDivisionError), see the worker log"
+        assert last.data["exception"] == "ZeroDivisionError" and "traceback" not in last.data
+        assert "division by zero" not in json.dumps(last.data) + last.message
+    else:
+        assert str(exc) in job.error["message"]
 
 
 def test_cancel_while_running_ends_cancelled(sessions, settings, store):
     job_id = new_job(sessions)
     polls: list[int] = []
 
-    def pipeline(spec, workdir, *, access, reporter, device=None):
+    def pipeline(spec, workdir, *, access, reporter, device=None, **options):
         reporter.stage("training")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             polls.append(1)
             if len(polls) == 3:  # the user cancels through the API's data function
                 with sessions() as s:
-                    assert crud.request_cancel(s, job_id=job_id) == "cancelling"
+                    assert transitions.request_cancel(s, job_id=job_id) == "cancelling"
                     s.commit()
             if reporter.should_cancel():
                 raise JobCancelled("helip: cancelled at step 3; state saved")
             time.sleep(0.02)
         raise AssertionError("should_cancel never turned True")
 
-    status = execute_job(job_id, settings=settings, sessions=sessions, store=store, pipeline=pipeline,
-                         poll_seconds=0.05)
+    status = execute_job(job_id, settings=settings, sessions=sessions, store=store, pipeline=pipeline)
     assert status == "cancelled" and get(sessions, job_id).status == "cancelled"
     assert rows(sessions, Event, job_id)[-1].message.startswith("cancelled: helip: cancelled at step 3")
 
@@ -227,7 +236,7 @@ def test_cancel_while_running_ends_cancelled(sessions, settings, store):
 def test_a_lost_lease_stops_the_run_and_records_nothing(sessions, settings, store):
     job_id = new_job(sessions)
 
-    def pipeline(spec, workdir, *, access, reporter, device=None):
+    def pipeline(spec, workdir, *, access, reporter, device=None, **options):
         with sessions() as s:  # another worker took the job over
             s.execute(update(Job).where(Job.id == job_id).values(worker_id="thief", attempts=2))
             s.commit()
@@ -240,7 +249,7 @@ def test_a_lost_lease_stops_the_run_and_records_nothing(sessions, settings, stor
         raise JobCancelled("stopped")
 
     assert execute_job(job_id, settings=settings, sessions=sessions, store=store, pipeline=pipeline,
-                       worker_id="w1", poll_seconds=0.05) is None
+                       worker_id="w1") is None
     job = get(sessions, job_id)
     assert (job.status, job.worker_id) == ("running", "thief")
     assert rows(sessions, Checkpoint, job_id) == []
@@ -287,15 +296,14 @@ def test_progress_writes_are_throttled_and_eta_follows_the_pace(sessions, store,
     assert (p["stage"], p["step"], p["total_steps"], p["eta_seconds"]) == ("training", 20, 110, 90.0)
     assert (p["run"], p["loss"]) == ("helip", 0.9)  # the loss of the last progress write (throttled)
     assert [(r.step, r.values["loss"]) for r in rows(sessions, StepMetric, job_id)] == [(10, 1.0), (20, 0.9)]
-    # should_cancel reads the row at most every poll_seconds (2 s by default) and answers from its cache between
+    # should_cancel answers from the lease, which the heartbeat (one UPDATE ... RETURNING) keeps current
     assert rep.should_cancel() is False
     with sessions() as s:
-        crud.request_cancel(s, job_id=job_id)
+        transitions.request_cancel(s, job_id=job_id)
         s.commit()
-    now[0] += 1.0
-    assert rep.should_cancel() is False
-    now[0] += 1.5
-    assert rep.should_cancel() is True
+    assert rep.should_cancel() is False  # not until the next heartbeat
+    hb = Heartbeat(sessions=sessions, lease=rep.lease, interval=60)
+    assert hb.beat() is True and rep.should_cancel() is True
 
 
 def test_a_killed_attempt_resumes_from_its_checkpoint_after_the_reaper(sessions, settings, store):
@@ -385,7 +393,7 @@ def test_concurrent_claims_let_exactly_one_worker_win(sessions, settings, store)
     ran: list[str] = []
     outcomes: list = []
 
-    def pipeline(spec, workdir, *, access, reporter, device=None):
+    def pipeline(spec, workdir, *, access, reporter, device=None, **options):
         ran.append(str(workdir))
         return Result(metrics={}, artifacts={})
 
@@ -415,7 +423,7 @@ def test_celery_app_is_configured_for_long_jobs(tmp_path: Path):
 
 
 def test_the_worker_parent_does_not_import_torch(tmp_path: Path):
-    code = ("import sys, worker.celery_app, worker.tasks, helip.reaper;"
+    code = ("import sys, worker.celery_app, worker.tasks, worker.reaper;"
             "from worker.celery_app import app;"
             "assert 'helip.run_job' in app.tasks, sorted(app.tasks);"
             "print('torch' in sys.modules)")

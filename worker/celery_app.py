@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from helip.entry import configure_process
 from helip.queue import celery_config, send_run_job
 from helip.settings import Settings, get_settings
 import worker.webhooks  # noqa: F401 - its dispatcher thread starts and stops with the worker
+
+configure_process()  # the worker is an entry point: offline hub (inherited by job children), quiet warnings
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +62,29 @@ def _reaper_loop(settings: Settings) -> None:
     from sqlalchemy.orm import sessionmaker
 
     from helip import db
-    from helip.reaper import reap
+    from helip.store import store_from_settings
+    from worker.reaper import reap
+    from worker.retention import reap_store
 
     # Its own engine, not helip.db's process-wide one: children forked later must not inherit pooled
     # connections from the parent (two processes on one socket corrupt the protocol).
     db.ensure_schema(settings)
     engine = db.make_engine(str(settings.database_url))
     sessions = sessionmaker(bind=engine, expire_on_commit=False)
-    interval = max(1.0, min(settings.stale_after_seconds / 4, settings.requeue_queued_after_seconds / 4, 60.0))
+    interval = max(1.0, min(settings.stale_after_seconds / 4, settings.requeue_queued_after_seconds / 4,
+                            settings.store_reap_seconds, 60.0))
+    next_store_round = time.monotonic() + min(settings.store_reap_seconds, 60.0)
     while not _reaper_stop.wait(interval):
         try:
             report = reap(settings=settings, sessions=sessions, send=lambda job_id: send_run_job(app, job_id))
             if report.requeued or report.failed or report.cancelled or report.send_failed or report.resent:
                 log.warning("reaper: %s", report)
-        except Exception:  # the reaper must outlive a database hiccup; it retries next round
+            if time.monotonic() >= next_store_round:
+                next_store_round = time.monotonic() + settings.store_reap_seconds
+                removed = reap_store(sessions, store_from_settings(settings))
+                if removed:
+                    log.warning("store reaper: %s", removed)
+        except Exception:  # the reaper must outlive a database or store hiccup; it retries next round
             log.exception("reaper round failed")
         finally:
             # Hold no connection between rounds: a job child forked meanwhile must not inherit an open
@@ -82,7 +95,7 @@ def _reaper_loop(settings: Settings) -> None:
 @worker_ready.connect
 def _start_reaper(sender=None, **_: object) -> None:
     # A daemon thread in the worker's main process (not celery beat): every worker reaps, and the
-    # compare-and-set updates in helip.reaper make concurrent reapers harmless.
+    # compare-and-set updates in helip.transitions make concurrent reapers harmless.
     _reaper_stop.clear()
     threading.Thread(target=_reaper_loop, args=(get_settings(),), name="helip-reaper", daemon=True).start()
 

@@ -9,14 +9,15 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import layout
 from core.errors import StorageError
 from helip import crud
 from helip.store import Store, file_sha256, job_key
 
-# What core.pipeline.run_job reuses from its workdir, by artifact name -> path inside the workdir.
-# Evaluation caches (eval_<model>.json) are found by pattern, checkpoints come from the checkpoints table.
-RESUME_FILES = {"embeddings": "embeddings.npz", "hard_pairs": "hard_pairs.parquet"}
-EVAL_CACHE_GLOB = "eval_*.json"
+# What core.pipeline.run_job reuses from its workdir, by artifact name -> path inside the workdir (core.layout).
+# Evaluation caches are found by pattern, checkpoints come from the checkpoints table.
+RESUME_FILES = {"embeddings": layout.EMBEDDINGS, "hard_pairs": layout.HARD_PAIRS}
+CHECKPOINT_ARTIFACT = "checkpoint:"  # core.pipeline's artifact names for each run's final weights
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,9 @@ class Stored:
         return {"key": self.key, "sha256": self.sha256, "size": self.size}
 
 
-def checkpoint_key(job_id: str, run: str, step: int, *, final: bool) -> str:
-    """Every training state keeps its own object (the checkpoints list links each); the final one is named so."""
-    name = f"{run}_final.pt" if final else f"{run}_step{step:07d}.pt"
-    return job_key(job_id, "checkpoints", name)
-
-
 def checkpoint_workdir_path(workdir: Path, run: str, *, final: bool) -> Path:
     """Where core.train looks for a run's state (resume) or its final weights (training skipped)."""
-    return Path(workdir) / "checkpoints" / (f"{run}_final.pt" if final else f"{run}_latest.pt")
+    return layout.final_path(workdir, run) if final else layout.state_path(workdir, run)
 
 
 def json_safe(value: Any) -> Any:
@@ -87,8 +82,8 @@ class JobFiles:
     def resumable(self) -> dict[str, Path]:
         """The resume files present in the workdir now, by artifact name."""
         found = {name: self.workdir / rel for name, rel in RESUME_FILES.items() if (self.workdir / rel).is_file()}
-        for path in sorted(self.workdir.glob(EVAL_CACHE_GLOB)):
-            found[f"eval:{path.stem.removeprefix('eval_')}"] = path
+        for path in sorted(self.workdir.glob(layout.EVAL_CACHE_GLOB)):
+            found[f"eval:{layout.eval_cache_model(path)}"] = path
         return found
 
     def sync(self) -> list[str]:
@@ -121,7 +116,7 @@ class JobFiles:
                 wanted.append((name, self.workdir / rel, artifacts[name], {}))
         for name, stored in artifacts.items():
             if name.startswith("eval:"):
-                wanted.append((name, self.workdir / f"eval_{name.removeprefix('eval:')}.json", stored, {}))
+                wanted.append((name, layout.eval_cache_path(self.workdir, name.removeprefix("eval:")), stored, {}))
         for run, (step, final, stored) in checkpoints.items():
             dest = checkpoint_workdir_path(self.workdir, run, final=final)
             wanted.append((f"checkpoint:{run}", dest, stored, {"run": run, "step": step, "final": final}))
@@ -140,16 +135,18 @@ class JobFiles:
         return restored
 
     def publish(self, artifacts: dict[str, Path]) -> dict[str, dict[str, Any]]:
-        """Upload the job's final artifacts and record a row for each.
+        """Upload the job's final artifacts and record a row for each; returns {name: {key, sha256, size}}.
 
         A file's key is its path inside the workdir, the same key its checkpoint or resume upload used,
-        so the final checkpoints and the hard pairs are not sent twice.
+        so the final checkpoints and the hard pairs are not sent twice. Final weights (`checkpoint:<run>`)
+        are checkpoint rows already (recorded when training ended), so they get no artifact row.
         """
         out: dict[str, dict[str, Any]] = {}
         for name, path in artifacts.items():
             path = Path(path)
             rel = path.relative_to(self.workdir).as_posix() if path.is_relative_to(self.workdir) else path.name
             stored = self.upload(path, job_key(self.job_id, rel))
-            self._record(name, stored)
+            if not name.startswith(CHECKPOINT_ARTIFACT):
+                self._record(name, stored)
             out[name] = stored.as_dict()
         return out

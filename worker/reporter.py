@@ -12,24 +12,29 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from helip import crud
-from worker import records
-from worker.files import JobFiles, checkpoint_key, json_safe
+from core.errors import StorageError
+from core.progress import Stage
+from helip import crud, transitions
+from worker.files import JobFiles, json_safe
+from worker.retention import fault_pause, final_key, prune_states, state_key
 
 log = logging.getLogger(__name__)
 
 
 class Lease:
-    """This worker's hold on a job. `lost` is set once someone else owns it (re-claimed, finished, deleted)."""
+    """This worker's hold on a job, as the heartbeat last saw it: `lost` once someone else owns it (re-claimed,
+    finished, deleted), `cancel` once the user asked to stop."""
 
     def __init__(self, job_id: str, worker_id: str):
         self.job_id = job_id
         self.worker_id = worker_id
         self.lost = threading.Event()
+        self.cancel = threading.Event()
 
 
 class Heartbeat:
-    """A daemon thread that refreshes the job's heartbeat every `interval` seconds while the job runs."""
+    """A daemon thread that refreshes the job's heartbeat every `interval` seconds while the job runs; the same
+    UPDATE returns the cancel flag, so the run learns of a cancellation within one interval."""
 
     def __init__(self, *, sessions: sessionmaker[Session], lease: Lease, interval: float):
         self.sessions = sessions
@@ -38,7 +43,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{lease.job_id}", daemon=True)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -49,11 +54,13 @@ class Heartbeat:
     def beat(self) -> bool:
         """One heartbeat; False (and the lease marked lost) when the job is no longer ours."""
         with self.sessions() as session:
-            ok = crud.heartbeat(session, job_id=self.lease.job_id, worker_id=self.lease.worker_id)
+            beat = transitions.heartbeat(session, job_id=self.lease.job_id, worker_id=self.lease.worker_id)
             session.commit()
-        if not ok:
+        if beat.cancel_requested:
+            self.lease.cancel.set()
+        if not beat.owned:
             self.lease.lost.set()
-        return ok
+        return beat.owned
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -70,20 +77,20 @@ class DbReporter:
 
     Events, step metrics and evaluation results become rows; stage and progress update the job row
     (progress at most every `progress_seconds`); each checkpoint is uploaded to the store and recorded
-    before training goes on, so another worker can resume from it. `should_cancel` reads the job row at
-    most every `poll_seconds`, and also says True once the lease is lost, which stops a run that another
-    worker has taken over. A lost lease silences every write.
+    before training goes on, so another worker can resume from it. `should_cancel` answers from what the
+    heartbeat last read (a cancellation, or a lease lost to another worker); a lost lease silences every write.
     """
 
     def __init__(self, *, sessions: sessionmaker[Session], lease: Lease, files: JobFiles,
-                 poll_seconds: float = 2.0, progress_seconds: float = 2.0,
+                 keep_states: int = 2, progress_seconds: float = 2.0,
                  clock: Callable[[], float] = time.monotonic,
                  retry_delays: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)):
         self.sessions = sessions
         self.lease = lease
         self.job_id = lease.job_id
         self.files = files
-        self.poll_seconds = poll_seconds
+        self.keep_states = keep_states
+        self._totals: dict[str, int] = {}  # run -> its total steps, from the step reports
         self.progress_seconds = progress_seconds
         self.clock = clock
         # about 15 s in all: enough to ride out a database restart before a non-essential row is dropped
@@ -93,8 +100,6 @@ class DbReporter:
         self._stage_t0 = clock()
         self._last_progress_write = float("-inf")
         self._run_t0: dict[str, tuple[float, int]] = {}  # run -> (clock, step) when this attempt first saw it
-        self._cancel_checked = float("-inf")
-        self._cancel = False
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -122,7 +127,8 @@ class DbReporter:
             return
         self._last_progress_write = now
         progress, stage = dict(self._progress), self._progress["stage"]
-        self._write("progress", lambda s: crud.set_progress(s, job_id=self.job_id, progress=progress, stage=stage))
+        self._write("progress", lambda s: transitions.set_progress(s, job_id=self.job_id, progress=progress,
+                                                                    stage=stage))
 
     def _sync_files(self) -> None:
         if self.lease.lost.is_set():
@@ -134,9 +140,10 @@ class DbReporter:
 
     # -- the Reporter protocol ---------------------------------------------------------------------------
 
-    def stage(self, name: str) -> None:
+    def stage(self, name: Stage) -> None:
         if self.lease.lost.is_set():
             return
+        name = Stage(name)
         self._sync_files()  # what the previous stage produced (embeddings before mining, hard pairs before training)
         self._stage_t0 = self.clock()
         self._progress.update(stage=name, done=0, total=None, eta_seconds=None)
@@ -164,6 +171,7 @@ class DbReporter:
         if self.lease.lost.is_set():
             return
         now = self.clock()
+        self._totals[run] = int(total)
         t0, s0 = self._run_t0.setdefault(run, (now, step))
         # ETA from this attempt's own pace: steps restored from a checkpoint cost nothing here.
         eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
@@ -177,9 +185,17 @@ class DbReporter:
 
     def checkpoint(self, run: str, step: int, path: Path, *, final: bool,
                    metrics: dict[str, Any] | None = None) -> None:
+        """Upload a state or the final weights and record its row; then delete the run's states the store no
+        longer needs (beyond `keep_states`, or all of them once the final weights are recorded)."""
         if self.lease.lost.is_set():
             return  # the new owner writes these keys now; do not overwrite its state with ours
-        stored = self.files.upload(Path(path), checkpoint_key(self.job_id, run, step, final=final))
+        if not final and step >= self._totals.get(run, step + 1) and not self.lease.cancel.is_set():
+            return  # the state at the last step: the final weights follow at once and replace it
+        path = Path(path)
+        key = final_key(self.job_id, run, path.name) if final else state_key(self.job_id, run, step)
+        stored = self.files.upload(path, key)
+        if not final:
+            fault_pause("after_state_upload")
         extra = json_safe(metrics) if metrics else None
         self._write("checkpoint row", lambda s: crud.record_checkpoint(
             s, job_id=self.job_id, run=run, step=int(step), key=stored.key, sha256=stored.sha256, size=stored.size,
@@ -188,6 +204,12 @@ class DbReporter:
             s, job_id=self.job_id, message=f"{run}: {'final ' if final else ''}checkpoint at step {step} stored",
             data={"run": run, "step": int(step), "final": final, "key": stored.key, "sha256": stored.sha256,
                   "size": stored.size}))
+        if not final:
+            fault_pause("after_state_record")
+        try:
+            prune_states(self.sessions, self.files.store, job_id=self.job_id, keep=self.keep_states, run=run)
+        except (StorageError, OperationalError, InterfaceError):  # the store reaper deletes them later
+            log.exception("job %s: could not delete older training states of %s", self.job_id, run)
         self._sync_files()
 
     def eval_result(self, model: str, dataset: str, metrics: dict[str, float]) -> None:
@@ -199,15 +221,4 @@ class DbReporter:
         self._sync_files()  # the evaluation cache of the model evaluated before this one
 
     def should_cancel(self) -> bool:
-        if self.lease.lost.is_set():
-            return True
-        now = self.clock()
-        if now - self._cancel_checked >= self.poll_seconds:
-            self._cancel_checked = now
-            state = self._write("cancel check", lambda s: records.lease_state(
-                s, job_id=self.job_id, worker_id=self.lease.worker_id))
-            if state is not None:
-                if not state.owned:
-                    self.lease.lost.set()
-                self._cancel = state.cancel_requested or not state.owned
-        return self._cancel
+        return self.lease.lost.is_set() or self.lease.cancel.is_set()

@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +15,13 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import layout
 from core.errors import HelipError, JobCancelled, StorageError
-from helip import crud
+from core.spec import JobSpec, parse_spec
+from helip import crud, transitions
 from helip.settings import Settings
 from helip.store import Store, store_from_settings
+from helip.tables import JobStatus
 from worker.files import JobFiles, json_safe
 from worker.reporter import DbReporter, Heartbeat, Lease
 
@@ -32,6 +34,11 @@ PipelineFn = Callable[..., Any]
 def worker_identity(hostname: str | None = None) -> str:
     """Unique per attempt: host, process and a random suffix, so a re-claim by the same process is still new."""
     return f"{hostname or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def pipeline_options(settings: Settings) -> dict[str, Any]:
+    """What core.pipeline.run_job takes from the settings (core never reads the environment itself)."""
+    return {"cpu_processes": settings.cpu_processes, "weights_cache": settings.weights_cache}
 
 
 def _default_pipeline(*args: Any, **kwargs: Any) -> Any:
@@ -59,8 +66,7 @@ def execute_job(
     job_id: str, *, settings: Settings, worker_id: str | None = None,
     sessions: sessionmaker[Session] | None = None, store: Store | None = None,
     pipeline: PipelineFn | None = None, device: str | None = None,
-    poll_seconds: float = 2.0,
-) -> str | None:
+) -> JobStatus | None:
     """Run one attempt of `job_id`; returns the final status written, or None when there was nothing to do
     (the job is not claimable: running elsewhere, finished, cancelled) or the lease was lost midway."""
     if sessions is None:
@@ -68,13 +74,13 @@ def execute_job(
 
         sessions = session_factory(settings)
     worker_id = worker_id or worker_identity()
-    job = _commit(sessions, lambda s: crud.claim_job(
+    job = _commit(sessions, lambda s: transitions.claim_job(
         s, job_id=job_id, worker_id=worker_id, stale_after_seconds=settings.stale_after_seconds,
         max_attempts=settings.max_attempts))
     if job is None:
         log.info("job %s: not claimable (running elsewhere, finished or unknown); message dropped", job_id)
         return None
-    attempt, spec = job.attempts, job.spec
+    attempt = job.attempts
     lease = Lease(job_id, worker_id)
     heartbeat = Heartbeat(sessions=sessions, lease=lease, interval=settings.heartbeat_seconds).start()
     workdir = Path(settings.data_dir) / "work" / job_id / f"attempt-{attempt}"
@@ -84,7 +90,8 @@ def execute_job(
     try:
         store = store or store_from_settings(settings)
         files = JobFiles(store=store, sessions=sessions, job_id=job_id, workdir=workdir)
-        reporter = DbReporter(sessions=sessions, lease=lease, files=files, poll_seconds=poll_seconds)
+        spec: JobSpec = parse_spec(job.spec)  # the worker's door: parsed once, the pipeline takes it as is
+        reporter = DbReporter(sessions=sessions, lease=lease, files=files, keep_states=spec.train.keep_states)
         reporter.event(f"attempt {attempt} started", data={"attempt": attempt, "worker": worker_id})
         restored = files.restore()
         if restored:
@@ -92,46 +99,56 @@ def execute_job(
                            data={"files": restored,
                                  "resumed_steps": {f["run"]: f["step"] for f in restored if "run" in f}})
         result = (pipeline or _default_pipeline)(spec, workdir, access=settings.access(), reporter=reporter,
-                                                 device=device)
+                                                 device=device, **pipeline_options(settings))
         if lease.lost.is_set():
             return _lost(job_id)
         files.sync()
         artifacts = files.publish(dict(result.artifacts))
-        outcome = json_safe({"metrics": result.metrics, "summary": result.summary, "artifacts": artifacts})
-        won = _commit(sessions, lambda s: crud.finish_job(s, job_id=job_id, status="succeeded", worker_id=worker_id,
-                                                          result=outcome))
-        return "succeeded" if won else _lost(job_id)
+        # The metrics are the eval rows (GET /jobs/{id}/metrics) and the metrics.json artifact: not copied here.
+        outcome = json_safe({"summary": result.summary, "artifacts": artifacts})
+        won = _commit(sessions, lambda s: transitions.finish_job(s, job_id=job_id, status=JobStatus.SUCCEEDED,
+                                                                 worker_id=worker_id, result=outcome))
+        return JobStatus.SUCCEEDED if won else _lost(job_id)
     except JobCancelled as exc:
         if lease.lost.is_set():
             return _lost(job_id)
-        return _finish(sessions, job_id, worker_id, "cancelled", None, f"cancelled: {exc.message}")
+        return _finish(sessions, job_id, worker_id, JobStatus.CANCELLED, None, f"cancelled: {exc.message}")
     except StorageError as exc:
         # The store stayed down (e.g. during a checkpoint upload): hours of training must not vanish with
-        # the workdir, so the local checkpoints move aside and the error says where they are.
+        # the workdir, so the local checkpoints move aside (HELIP_DATA_DIR/kept/<job>/attempt-<n>/ on this
+        # host). The user learns which host; the folder is a server path, so only the worker log names it.
         error = exc.to_dict()
-        keep = keep_checkpoints(workdir, Path(settings.data_dir) / "kept" / job_id / f"attempt-{attempt}")
+        keep = keep_checkpoints(workdir, kept_dir(settings, job_id, attempt))
         data: dict[str, Any] = {}
         if keep is not None:
-            newest = max(keep.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns, default=None)
-            data = {"kept_checkpoints": str(keep), "host": socket.gethostname(),
-                    "newest": str(newest) if newest else None}
-            error["message"] += f" (the local checkpoints are kept in {keep} on {socket.gethostname()})"
-        return _finish(sessions, job_id, worker_id, "failed", error, f"failed: {error['message']}", data=data)
+            host = socket.gethostname()
+            log.warning("job %s: the store is down; attempt %d's local checkpoints are kept in %s on %s",
+                        job_id, attempt, keep, host)
+            data = {"kept_checkpoints": sorted(p.name for p in keep.glob("*.pt")), "host": host}
+            error["message"] += f" (the local checkpoints are kept on {host}; its worker log names the folder)"
+        return _finish(sessions, job_id, worker_id, JobStatus.FAILED, error, f"failed: {error['message']}", data=data)
     except HelipError as exc:
-        return _finish(sessions, job_id, worker_id, "failed", exc.to_dict(), f"failed: {exc.message}")
+        return _finish(sessions, job_id, worker_id, JobStatus.FAILED, exc.to_dict(), f"failed: {exc.message}")
     except Exception as exc:  # a bug or an unexpected environment failure: never leave the job running
+        # The traceback and the exception's text (which may name server paths) go to the worker log only.
         log.exception("job %s: internal error", job_id)
-        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "param": None}
-        return _finish(sessions, job_id, worker_id, "failed", error, "failed with an internal error",
-                       data={"traceback": traceback.format_exc()[-8000:]}, level="error")
+        message = f"internal error ({type(exc).__name__}), see the worker log"
+        error = {"code": "internal_error", "message": message, "param": None}
+        return _finish(sessions, job_id, worker_id, JobStatus.FAILED, error, f"failed: {message}",
+                       data={"exception": type(exc).__name__}, level="error")
     finally:
         heartbeat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def kept_dir(settings: Settings, job_id: str, attempt: int) -> Path:
+    """Where an attempt's local checkpoints are kept when the store stays down."""
+    return Path(settings.data_dir) / "kept" / job_id / f"attempt-{attempt}"
+
+
 def keep_checkpoints(workdir: Path, dest: Path) -> Path | None:
     """Move `workdir/checkpoints` (if it holds any .pt file) to `dest`; returns `dest`, or None when none."""
-    src = Path(workdir) / "checkpoints"
+    src = Path(workdir) / layout.CHECKPOINTS_DIR
     if not any(src.glob("*.pt")):
         return None
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -147,12 +164,13 @@ def _lost(job_id: str) -> None:
     return None
 
 
-def _finish(sessions: sessionmaker[Session], job_id: str, worker_id: str, status: str, error: dict | None,
-            message: str, *, data: dict[str, Any] | None = None, level: str = "info") -> str | None:
+def _finish(sessions: sessionmaker[Session], job_id: str, worker_id: str, status: JobStatus, error: dict | None,
+            message: str, *, data: dict[str, Any] | None = None, level: str = "info") -> JobStatus | None:
     def write(session: Session) -> bool:
-        won = crud.finish_job(session, job_id=job_id, status=status, worker_id=worker_id, error=error)
+        won = transitions.finish_job(session, job_id=job_id, status=status, worker_id=worker_id, error=error)
         if won:
-            crud.add_event(session, job_id=job_id, message=message, level=level if status != "failed" else "error",
+            crud.add_event(session, job_id=job_id, message=message,
+                           level=level if status != JobStatus.FAILED else "error",
                            data=json_safe({"status": status, "error": error, **(data or {})}))
         return won
 

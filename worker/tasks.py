@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 
+from celery import Task
+
 from helip.queue import RUN_JOB_TASK
 from helip.settings import get_settings
 from worker.celery_app import app
@@ -24,7 +26,7 @@ def allow_child_processes() -> None:
 
 
 @app.task(name=RUN_JOB_TASK, bind=True)
-def run_job(self, job_id: str) -> str | None:  # noqa: ANN001 - Celery's bound task
+def run_job(self: Task, job_id: str) -> str | None:
     """Run (or resume) one job. A message for a job that is not claimable is acknowledged and does nothing."""
     allow_child_processes()
     return execute_job(job_id, settings=get_settings(), worker_id=worker_identity(self.request.hostname))

@@ -1,4 +1,4 @@
-"""The /jobs resource: submit, list, read, cancel, and a job's metrics, events, checkpoints and hard pairs."""
+"""The /jobs resource: submit, list, read, cancel, delete, and a job's metrics, events, checkpoints, hard pairs."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import hashlib
 import json
 import logging
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api.deps import ContextDep, OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.downloads import download_url
@@ -18,14 +19,25 @@ from api.hard_pairs import hard_pairs_sample
 from api.job_filters import METADATA_FILTER_DOC, metadata_filters
 from api.webhook_check import check_webhook
 from api.schemas import (
-    CheckpointPublic, CheckpointsPage, ErrorResponse, EventPublic, EventsPage, HardPairsPublic, JobCreate, JobPublic, JobsPage,
-    MetricsPage, StepPublic,
+    CheckpointPublic,
+    CheckpointsPage,
+    ErrorResponse,
+    EventPublic,
+    EventsPage,
+    HardPairsPublic,
+    JobCreate,
+    JobPublic,
+    JobsPage,
+    MetricsPage,
+    StepPublic,
 )
 from api.validation import check_locations, check_model
+from core.errors import StorageError
 from core.spec import resolve_spec
-from helip import crud
+from helip import crud, transitions
 from helip.queue import send_run_job
-from helip.tables import Job
+from helip.store import job_key
+from helip.tables import FINISHED_STATUSES, Job, JobStatus
 
 log = logging.getLogger(__name__)
 JOB_ID = re.compile(r"job-[0-9a-f]{24}")
@@ -33,11 +45,10 @@ JOB_ID = re.compile(r"job-[0-9a-f]{24}")
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
     422: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
 }
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 
@@ -47,7 +58,7 @@ def _is_job_id(value: str) -> bool:
     return JOB_ID.fullmatch(value) is not None
 
 
-def _owned(session, job_id: str, owner: str) -> Job:  # noqa: ANN001 - SessionDep
+def _owned(session: Session, job_id: str, owner: str) -> Job:
     """The caller's job, else 404 (another key's job is indistinguishable from a missing one)."""
     job = crud.get_job(session, job_id=job_id, owner=owner) if _is_job_id(job_id) else None
     if job is None:
@@ -79,12 +90,18 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
         if existing is not None:
             response.status_code = 200
             return _same_request(existing, request_hash)
+    active = crud.count_active_jobs(session, owner=owner)
+    if active >= settings.max_active_jobs_per_key:
+        raise ApiError(429, "too_many_active_jobs",
+                       f"this API key has {active} queued or running jobs, the most allowed "
+                       f"(HELIP_MAX_ACTIVE_JOBS_PER_KEY={settings.max_active_jobs_per_key}); wait for one to "
+                       "finish or cancel one", headers={"Retry-After": "60"})
     check_locations(body, settings.access(), budget_seconds=settings.location_check_seconds)
     check_model(body, allowed_models=settings.allowed_model_prefixes())
     check_webhook(body, settings)
-    spec = resolve_spec(JobCreate.model_validate(submitted))
+    spec = resolve_spec(body)  # FastAPI parsed the body once (the API's door); this only fills in the seed
     try:
-        job = crud.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed),
+        job = transitions.create_job(session, owner=owner, spec=spec.model_dump(mode="json"), seed=int(spec.train.seed or 0),
                               idempotency_key=idempotency_key or None, request_hash=request_hash)
         job.name, job.meta = spec.name, dict(spec.metadata)
         job.webhook_cursor = 0 if spec.webhook is not None else None  # the webhook dispatcher starts from here
@@ -98,9 +115,9 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
         return _same_request(existing, request_hash)
     try:
         send_run_job(context.celery, job.id, queue=settings.queue_name)
-    except Exception as exc:  # noqa: BLE001 - any broker failure: the job must not stay queued forever
+    except Exception as exc:  # any broker failure: the job must not stay queued forever
         log.exception("could not queue %s", job.id)
-        crud.finish_job(session, job_id=job.id, status="failed",
+        transitions.finish_job(session, job_id=job.id, status=JobStatus.FAILED,
                         error={"code": "queue_unavailable", "message": f"the job queue is unreachable: {exc}",
                                "param": None})
         session.commit()
@@ -130,10 +147,11 @@ def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
 def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
     """queued -> cancelled at once; running -> cancelling (the worker stops at its next check); finished -> 409."""
     job = _owned(session, job_id, owner)
-    if crud.request_cancel(session, job_id=job.id) is None:
+    if transitions.request_cancel(session, job_id=job.id) is None:
         raise ApiError(409, "job_finished", f"the job already finished ({job.status})")
     session.commit()
-    return crud.refresh_job(session, job_id=job.id)
+    session.refresh(job)
+    return job
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPage, responses=ERRORS)
@@ -161,15 +179,40 @@ def job_events(job_id: str, session: SessionDep, owner: OwnerDep,
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPage, responses=ERRORS)
 def job_checkpoints(job_id: str, request: Request, session: SessionDep, owner: OwnerDep, settings: SettingsDep,
-                    store: StoreDep):
-    """Every uploaded checkpoint with its step, metrics and an expiring download URL."""
+                    store: StoreDep,
+                    include: Annotated[Literal["states"] | None, Query(
+                        description="`states`: also list the resumable training states the store still keeps "
+                                    "(the newest `train.keep_states` of each unfinished run)")] = None,
+                    after: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="id of the last checkpoint seen")] = None,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    """The job's final weights (and with `?include=states` its training states), oldest first, each with its
+    step, metrics and an expiring download URL."""
     _owned(session, job_id, owner)
+    rows, has_more = crud.list_checkpoints(session, job_id=job_id, include_states=include == "states",
+                                           after=after, limit=limit)
     out = []
-    for ck in crud.list_checkpoints(session, job_id=job_id):
+    for ck in rows:
         url, expires = download_url(request, settings, store, ck.key)
-        out.append(CheckpointPublic(run=ck.run, step=ck.step, final=ck.final, metrics=ck.metrics, sha256=ck.sha256,
-                                    size=ck.size, created_at=ck.created_at, url=url, expires_at=expires))
-    return {"data": out}
+        out.append(CheckpointPublic(id=ck.id, run=ck.run, step=ck.step, final=ck.final, metrics=ck.metrics,
+                                    sha256=ck.sha256, size=ck.size, created_at=ck.created_at, url=url,
+                                    expires_at=expires))
+    return {"data": out, "has_more": has_more}
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses=ERRORS)
+def delete_job(job_id: str, session: SessionDep, owner: OwnerDep, store: StoreDep) -> Response:
+    """Delete a finished job: its rows, then its objects in the store. A queued or running job is a 409
+    (cancel it first)."""
+    job = _owned(session, job_id, owner)
+    if job.status not in FINISHED_STATUSES:
+        raise ApiError(409, "job_active", f"the job is {job.status}; cancel it and wait until it has finished")
+    crud.delete_job(session, job_id=job.id)
+    session.commit()
+    try:
+        store.delete_prefix(job_key(job.id))
+    except StorageError:  # the rows are gone: the worker's store reaper removes the objects later
+        log.exception("job %s deleted; its objects stay until the store reaper's next round", job.id)
+    return Response(status_code=204)
 
 
 @router.get("/{job_id}/hard-pairs", response_model=HardPairsPublic, responses=ERRORS)

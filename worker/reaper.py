@@ -1,20 +1,20 @@
-"""The reaper: jobs whose worker stopped heartbeating are re-queued (attempts left) or failed as `worker_lost`,
-and queued jobs that nobody claimed for a long while are sent to the queue again (a broker that lost them)."""
+"""The reaper, run by every worker: jobs whose worker stopped heartbeating are re-queued (attempts left) or
+failed as `worker_lost`, and queued jobs that nobody claimed for a long while are sent to the queue again
+(a broker that lost them). The store's own reaper (orphaned objects) is worker.retention.reap_store."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from helip import crud
+from helip import crud, transitions
 from helip.settings import Settings
-from helip.tables import Event, utcnow
-from worker import records
+from helip.tables import Event, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,18 @@ def reap(
     report = ReapReport()
     stale_after = settings.stale_after_seconds
     with sessions() as session:
-        stale = [(j.id, j.status, j.attempts) for j in crud.find_stale_jobs(session, stale_after_seconds=stale_after)]
+        stale = [(j.id, j.status, j.attempts) for j in transitions.find_stale_jobs(session, stale_after_seconds=stale_after)]
     for job_id, status, attempts in stale:
         with sessions() as session:
-            if status == "cancelling":
-                if records.cancel_stale(session, job_id=job_id, stale_after_seconds=stale_after):
+            if status == JobStatus.CANCELLING:
+                if transitions.cancel_stale(session, job_id=job_id, stale_after_seconds=stale_after):
                     crud.add_event(session, job_id=job_id, level="warning",
                                    message="the worker was lost while cancelling; the job is cancelled")
                     report.cancelled.append(job_id)
                 session.commit()
                 continue
             if attempts >= settings.max_attempts:
-                if records.fail_stale(session, job_id=job_id, stale_after_seconds=stale_after,
+                if transitions.fail_stale(session, job_id=job_id, stale_after_seconds=stale_after,
                                       error=worker_lost_error(attempts)):
                     crud.add_event(session, job_id=job_id, level="error",
                                    message=f"the worker was lost on attempt {attempts} of {settings.max_attempts}; "
@@ -83,7 +83,7 @@ def reap(
                     report.failed.append(job_id)
                 session.commit()
                 continue
-            if not crud.requeue_job(session, job_id=job_id, stale_after_seconds=stale_after):
+            if not transitions.requeue_stale(session, job_id=job_id, stale_after_seconds=stale_after):
                 continue  # its worker heartbeated, or another reaper got there first
             crud.add_event(session, job_id=job_id, level="warning",
                            message=f"{REQUEUED_PREFIX} after attempt {attempts}",
@@ -95,14 +95,15 @@ def reap(
         except Exception:  # broker down: leave the job stale-running so the next round tries again
             log.exception("reaper: could not send job %s again", job_id)
             with sessions() as session:
-                records.undo_requeue(session, job_id=job_id, attempts=attempts)
+                transitions.undo_requeue(session, job_id=job_id, attempts=attempts)
                 session.commit()
             report.send_failed.append(job_id)
     resend_unclaimed(settings=settings, sessions=sessions, send=send, report=report)
     return report
 
 
-def resend_due(*, created_at, sends: int, last_sent, now, after_seconds: float) -> bool:  # noqa: ANN001
+def resend_due(*, created_at: datetime, sends: int, last_sent: datetime | None, now: datetime,
+               after_seconds: float) -> bool:
     """Whether a queued job's message is overdue: nobody claimed it within after_seconds x 2^sends of the last send.
 
     The doubling bounds the duplicates a long but healthy queue collects (each is dropped by the claim).
@@ -120,10 +121,10 @@ def resend_unclaimed(*, settings: Settings, sessions: sessionmaker[Session], sen
     """
     after = settings.requeue_queued_after_seconds
     with sessions() as session:
-        candidates = [j.id for j in crud.queued_jobs(session, created_before=utcnow() - timedelta(seconds=after))]
+        candidates = [j.id for j in transitions.queued_jobs(session, created_before=utcnow() - timedelta(seconds=after))]
     for job_id in candidates:
         with sessions() as session:
-            job = crud.lock_queued_job(session, job_id=job_id)  # another reaper holding it skips it
+            job = transitions.lock_queued_job(session, job_id=job_id)  # another reaper holding it skips it
             if job is None:
                 continue
             sends, last = crud.events_with_prefix(session, job_id=job_id, prefixes=(RESENT_PREFIX, REQUEUED_PREFIX))

@@ -9,10 +9,11 @@ from typing import Any
 
 from core.data import build_index
 from core.io import Access
+from core.layout import final_path
 from core.models import load_model
 from core.progress import CollectingReporter, Reporter
 from core.spec import JobSpec, resolve_spec
-from core.train import RunPlan, final_path, pick_device, train_run
+from core.train import RunPlan, pick_device, train_run
 
 # A ~7M-parameter ViT for 32 px images; most parameters are the 49,408-token embedding table.
 TINY_CONFIG: dict[str, Any] = {

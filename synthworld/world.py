@@ -1,4 +1,8 @@
-"""The synthetic image-caption world on disk: train CSV + shards, zero-shot, retrieval and probe splits, world.json."""
+"""The synthetic image-caption world on disk: train CSV + shards, zero-shot, retrieval and probe splits, world.json.
+
+Why over 350 lines: generation, the on-disk layout, caching and the eval spec of one world are read together;
+the drawing of shapes and the caption phrasings are already apart, in synthworld/render.py.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,16 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from core.errors import DataError, SpecError
-from core.synth_render import (
+from synthworld.render import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,
@@ -66,7 +71,7 @@ class World:
     counts: dict[str, int] = field(default_factory=dict)
 
     def eval_spec(self) -> dict[str, Any]:
-        """The `eval` section of a job spec (CONTRACT.md) pointing at this world's evaluation splits."""
+        """The `eval` section of a job spec (docs/spec.md) pointing at this world's evaluation splits."""
         return {
             "zeroshot": [{
                 "name": ZEROSHOT_NAME,
@@ -202,7 +207,7 @@ def _write_folders(out_dir: Path, attrs: list[Attributes], seed: int, split: str
     for name in classnames():
         (out_dir / _folder(name)).mkdir(parents=True)
     seen: dict[str, int] = {}
-    for a, (jpg, _) in zip(attrs, _render_all(_jobs(attrs, seed, split, "none", image_size), pool, tick)):
+    for a, (jpg, _) in zip(attrs, _render_all(_jobs(attrs, seed, split, "none", image_size), pool, tick), strict=True):
         k = seen.get(a.classname, 0)
         seen[a.classname] = k + 1
         (out_dir / _folder(a.classname) / f"{k:05d}.jpg").write_bytes(jpg)

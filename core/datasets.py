@@ -1,0 +1,112 @@
+"""The torch datasets over pairs and image folders, and their collate functions (bad samples reported, not raised)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core import io as dio
+from core.decoding import MAX_IMAGE_BYTES, BadSample, decode_image, load_image
+from core.errors import DataError, LocationError
+from core.index import PairIndex
+
+FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(image, tokens) by row. Position i reads rows[i] when `rows` is given; otherwise position == row,
+    which is how the HELIP batch sampler addresses it. A bad sample gives {"bad": (row, reason)}: the
+    reason travels with the batch to collate_pairs (also from DataLoader worker processes)."""
+
+    def __init__(self, index: PairIndex, access: dio.Access, transform: Callable[[Image.Image], torch.Tensor],
+                 tokenizer: Callable[[list[str]], torch.Tensor], *, rows: np.ndarray | None = None,
+                 draft_size: int | None = None, tokens: np.ndarray | None = None):
+        self.index, self.access, self.transform, self.tokenizer = index, access, transform, tokenizer
+        # Captions tokenized once (by the embedding pass) spare the BPE tokenizer on every training step.
+        self.tokens = tokens
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.index) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = int(i) if self.rows is None else int(self.rows[i])
+        try:
+            image = load_image(self.index, row, self.access, draft_size=self.draft_size)
+        except BadSample as exc:
+            return {"bad": (row, exc.reason)}
+        if self.tokens is not None:
+            text = torch.from_numpy(self.tokens[row].astype(np.int64))
+        else:
+            text = self.tokenizer([self.index.captions[row]])[0]
+        return {"image": self.transform(image), "text": text, "row": row}
+
+
+def collate_pairs(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the good samples; `bad_rows` lists (row, reason) for the ones that failed, so the caller can
+    mark them in its PairIndex (a worker's index copy is not the caller's)."""
+    bad = [tuple(s["bad"]) for s in batch if "bad" in s]
+    good = [s for s in batch if "bad" not in s]
+    if not good:
+        return {"images": torch.empty(0), "texts": torch.empty(0, dtype=torch.long),
+                "rows": torch.empty(0, dtype=torch.long), "bad_rows": bad}
+    return {
+        "images": torch.stack([s["image"] for s in good]),
+        "texts": torch.stack([torch.as_tensor(s["text"], dtype=torch.long) for s in good]),
+        "rows": torch.tensor([s["row"] for s in good], dtype=torch.long),
+        "bad_rows": bad,
+    }
+
+
+def read_image_folder(root: str, access: dio.Access, *, param: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """ImageFolder layout: (image location, class index) sorted by class folder then file; classnames sorted."""
+    root = access.check(root, param=param)
+    classes = [n[:-1] for n in dio.list_dir(root, access, param=param) if n.endswith("/")]
+    if not classes:
+        raise DataError(f"{root!r} has no class folders (ImageFolder layout: one folder per class)", param=param)
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        folder = dio.join(root, name)
+        for f in dio.list_dir(folder, access, param=param):
+            if not f.endswith("/") and f.lower().endswith(FOLDER_IMAGE_EXTS):
+                samples.append((access.check(dio.join(folder, f), param=param), label))
+    if not samples:
+        raise DataError(f"{root!r} holds no images", param=param)
+    return samples, classes
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """(transformed image, label) per location, or None when the image is bad (see collate_images)."""
+
+    def __init__(self, locations: list[str], labels: list[int], access: dio.Access,
+                 transform: Callable[[Image.Image], torch.Tensor], *, draft_size: int | None = None):
+        if len(locations) != len(labels):
+            raise ValueError("locations and labels differ in length")
+        self.locations, self.labels, self.access, self.transform = list(locations), list(labels), access, transform
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        try:
+            data = dio.read_bytes(self.locations[i], self.access, max_bytes=MAX_IMAGE_BYTES)
+            image = decode_image(data, draft_size=self.draft_size)
+        except (LocationError, DataError, ValueError):
+            return None
+        return self.transform(image), self.labels[i]
+
+
+def collate_images(batch: list[tuple[torch.Tensor, int] | None]) -> dict[str, Any]:
+    """{"images": [B,3,H,W], "labels": LongTensor[B], "skipped": number of bad images dropped}."""
+    good = [s for s in batch if s is not None]
+    return {
+        "images": torch.stack([s[0] for s in good]) if good else torch.empty(0),
+        "labels": torch.tensor([s[1] for s in good], dtype=torch.long),
+        "skipped": len(batch) - len(good),
+    }
