@@ -19,15 +19,18 @@ FORBIDDEN = {
 }
 # entry points: they start the API, the worker or a local run, so they import what they start
 ENTRY_POINTS = {"helip/cli.py", "helip/demo.py"}
+# the API's wire format (pydantic models, no FastAPI): the Python client is typed with the very same models
+SHARED = {"api.schemas"}
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Top-level packages `path` imports (a module in SHARED does not count as its package)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     out: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.update(alias.name.split(".")[0] for alias in node.names if alias.name not in SHARED)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module not in SHARED:
             out.add(node.module.split(".")[0])
     return out
 
