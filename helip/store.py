@@ -41,6 +41,11 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def _prefix(prefix: str) -> str:
+    """A listing prefix: '' (everything) or a clean key followed by '/'."""
+    return clean_key(prefix.rstrip("/")) + "/" if prefix.strip("/") else ""
+
+
 def clean_key(key: str) -> str:
     """Refuse keys that could escape the store root (`..`, absolute paths)."""
     parts = key.split("/")
@@ -114,6 +119,14 @@ class Store(ABC):
         """Delete every object under `prefix` (a key prefix ending in '/'); returns how many."""
         return self._retry(f"delete of {prefix}", lambda: self._delete_prefix(clean_key(prefix.rstrip("/")) + "/"))
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every object key under `prefix` (a key prefix ending in '/'), sorted; partial uploads left out."""
+        return self._retry(f"listing of {prefix}", lambda: sorted(self._list(_prefix(prefix))))
+
+    def delete(self, key: str) -> bool:
+        """Delete one object; False when there was none."""
+        return self._retry(f"delete of {key}", lambda: self._delete(clean_key(key)))
+
     def presigned_get(self, key: str, seconds: int) -> str | None:
         """A URL anyone can GET for `seconds`; None for stores the API serves itself (file://)."""
         return None
@@ -154,6 +167,12 @@ class Store(ABC):
 
     @abstractmethod
     def _ping(self) -> None: ...
+
+    @abstractmethod
+    def _list(self, prefix: str) -> list[str]: ...
+
+    @abstractmethod
+    def _delete(self, key: str) -> bool: ...
 
 
 class FileStore(Store):
@@ -209,6 +228,20 @@ class FileStore(Store):
         n = sum(1 for p in root.rglob("*") if p.is_file())
         shutil.rmtree(root)
         return n
+
+    def _list(self, prefix: str) -> list[str]:
+        root = self.root / prefix.rstrip("/") if prefix else self.root
+        if not root.is_dir():
+            return []
+        return [p.relative_to(self.root).as_posix() for p in root.rglob("*")
+                if p.is_file() and not p.name.endswith(".part")]
+
+    def _delete(self, key: str) -> bool:
+        path = self.local_path(key)
+        if not path.is_file():
+            return False
+        path.unlink()
+        return True
 
     def _ping(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -294,6 +327,17 @@ class S3Store(Store):
         if errors:
             raise StorageError(f"could not delete {len(errors)} object(s) under {prefix!r}: {errors[0]}")
         return len(names)
+
+    def _list(self, prefix: str) -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        return [o.object_name[len(base):] for o in self.client.list_objects(self.bucket, prefix=base + prefix,
+                                                                            recursive=True)]
+
+    def _delete(self, key: str) -> bool:
+        if not self._exists(key):
+            return False
+        self.client.remove_object(self.bucket, self._name(key))
+        return True
 
     def presigned_get(self, key: str, seconds: int) -> str:
         return self.client.presigned_get_object(self.bucket, self._name(clean_key(key)), expires=timedelta(seconds=seconds))

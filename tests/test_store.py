@@ -163,3 +163,16 @@ def test_s3_wrong_secret_is_a_storage_error(s3, tmp_path: Path) -> None:
                        s3_secret_key="wrong-secret", retries=0)
     with pytest.raises(StorageError):
         store.put_bytes("x.txt", b"x")
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_list_and_delete_single_objects(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store = request.getfixturevalue("s3_store") if kind == "s3" else FileStore(tmp_path / "store")
+    for key in ("jobs/a/x.pt", "jobs/a/states/1/state.pt", "jobs/b/y.pt"):
+        store.put_bytes(key, b"1")
+    assert store.list_keys("jobs/a/") == ["jobs/a/states/1/state.pt", "jobs/a/x.pt"]
+    assert set(store.list_keys("")) >= {"jobs/a/x.pt", "jobs/b/y.pt"}
+    assert store.delete("jobs/a/x.pt") is True and store.delete("jobs/a/x.pt") is False
+    assert store.list_keys("jobs/a/") == ["jobs/a/states/1/state.pt"]
+    with pytest.raises(StorageError):
+        store.list_keys("../")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from helip import crud
-from helip.store import FileStore, S3Store, Store, job_key
+from helip.store import Store, job_key
 from helip.tables import FINISHED_STATUSES
 
 log = logging.getLogger(__name__)
@@ -72,24 +72,9 @@ def prune_states(sessions: sessionmaker[Session], store: Store, *, job_id: str, 
     return removed
 
 
-# -- listing the store (Store has no list call yet: read each backend's own listing) ---------------------
-
-
 def list_keys(store: Store, prefix: str) -> Iterator[str]:
     """Every object key under `prefix` (which ends with '/')."""
-    if isinstance(store, FileStore):
-        root = store.root / prefix.rstrip("/")
-        if root.is_dir():
-            for path in root.rglob("*"):
-                if path.is_file() and not path.name.endswith(".part"):
-                    yield path.relative_to(store.root).as_posix()
-        return
-    if isinstance(store, S3Store):
-        base = f"{store.prefix}/" if store.prefix else ""
-        for obj in store.client.list_objects(store.bucket, prefix=base + prefix, recursive=True):
-            yield obj.object_name[len(base):]
-        return
-    raise TypeError(f"cannot list objects of {type(store).__name__}")
+    yield from store.list_keys(prefix)
 
 
 @dataclass
