@@ -123,6 +123,9 @@ def load_model(name: str, *, config: dict[str, Any] | None = None, pretrained: s
                weights_cache: Path | None = None) -> LoadedModel:
     """Build an open_clip model by architecture name (or inline config) and load its weights."""
     access = access or Access()
+    if name.startswith("hf-hub:"):
+        return _load_from_hub(name, config=config, pretrained=pretrained, access=access, device=device,
+                              param_prefix=param_prefix, weights_cache=weights_cache)
     if config is not None:
         register_config(name, config, param=f"{param_prefix}.config")
     if name not in open_clip.list_models():
@@ -146,6 +149,30 @@ def load_model(name: str, *, config: dict[str, Any] | None = None, pretrained: s
                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
                          param=f"{param_prefix}.pretrained") from None
     return LoadedModel(name, model, pre_train, pre_val, open_clip.get_tokenizer(name), pretrained)
+
+
+def _load_from_hub(name: str, *, config: dict[str, Any] | None, pretrained: str | None, access: Access,
+                   device: str | torch.device, param_prefix: str, weights_cache: Path | None) -> LoadedModel:
+    """An `hf-hub:org/repo` model: open_clip reads its config and weights from the repository, or from the
+    weights cache when the hub is offline (HELIP_HUB_OFFLINE). Only prefixes the service allows."""
+    if not access.model_allowed(name):
+        raise SpecError(f"{name!r}: models from the Hugging Face hub are not allowed here (HELIP_ALLOWED_MODELS)",
+                        param=f"{param_prefix}.name")
+    if config is not None or pretrained:
+        raise SpecError(f"{name!r} brings its own config and weights: leave {param_prefix}.config and "
+                        f"{param_prefix}.pretrained empty", param=f"{param_prefix}.name")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                name, device=device, cache_dir=str(weights_cache) if weights_cache else None)
+        tokenizer = open_clip.get_tokenizer(name, cache_dir=str(weights_cache) if weights_cache else None)
+    except Exception as exc:  # huggingface_hub raises several types when a file is neither cached nor reachable
+        where = ("the hub is offline on this service (HELIP_HUB_OFFLINE) and the weights cache does not hold it"
+                 if offline else "it could not be downloaded")
+        raise ModelError(f"{name} cannot be loaded: {where} ({type(exc).__name__})", param=f"{param_prefix}.name") from None
+    return LoadedModel(name, model, pre_train, pre_val, tokenizer, None)
 
 
 def model_from_spec(spec_model, *, access: Access, device, cache_dir: Path | None = None,

@@ -186,7 +186,7 @@ class Settings(BaseSettings):
         from core.io import Access
 
         return Access(allowed=self.allowed_prefixes(), s3=self.s3_config(), denied=self.service_state(),
-                      denied_except=(str(self.datasets_dir),))
+                      denied_except=(str(self.datasets_dir),), models=self.allowed_model_prefixes())
 
     def signing_secret(self) -> bytes:
         """HMAC key for file:// download links; in development generated once and kept in data_dir."""

@@ -120,3 +120,48 @@ def test_the_registry_snapshot_is_the_installed_open_clip() -> None:
 
     assert registry.snapshot() == registry.generate(), "regenerate it: python -m helip.registry"
     assert registry.is_architecture("ViT-B-32") and "openai" in registry.tags_of("ViT-B-32")
+
+
+def _hub_cache(cache: Path, repo: str) -> dict:
+    """A Hugging Face cache holding `repo` as open_clip publishes models (open_clip_config.json + weights),
+    made here: nothing is downloaded. Returns the weights."""
+    import json
+
+    import open_clip
+    import torch
+
+    from synthworld.pretrain import TINY_CONFIG
+
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CONFIG, "preprocess_cfg": {}}))
+    cfg = cache / "hubtest-tiny.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(cfg)
+    state = open_clip.create_model("hubtest-tiny").state_dict()
+    torch.save(state, snap / "open_clip_pytorch_model.bin")
+    return state
+
+
+def test_an_allowed_hub_model_loads_offline_from_the_weights_cache_and_others_fail_clearly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from core.errors import ModelError, SpecError
+    from core.io import Access
+    from core.models import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    state = _hub_cache(tmp_path / "cache", "helip-test/tiny-clip")
+    service = Access(allowed=(str(tmp_path),), models=("hf-hub:helip-test/",))
+    loaded = load_model("hf-hub:helip-test/tiny-clip", access=service, weights_cache=tmp_path / "cache")
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(ModelError, match="offline") as e:  # allowed, but neither cached nor downloadable
+        load_model("hf-hub:helip-test/not-cached", access=service, weights_cache=tmp_path / "cache")
+    assert e.value.param == "model.name"
+    with pytest.raises(SpecError, match="HELIP_ALLOWED_MODELS"):
+        load_model("hf-hub:someone/else", access=service)

@@ -29,6 +29,8 @@ class Access:
     s3: S3Config | None = None
     denied: tuple[str, ...] = ()
     denied_except: tuple[str, ...] = ()
+    # hf-hub: prefixes a job may load a model from; None: any (the local CLI), () none
+    models: tuple[str, ...] | None = None
     _local: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
     _s3: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
     _deny_local: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
@@ -47,6 +49,10 @@ class Access:
                     "denied_except": ("_except_local", "_except_s3")}[name]
             object.__setattr__(self, attr[0], local)
             object.__setattr__(self, attr[1], remote)
+
+    def model_allowed(self, name: str) -> bool:
+        """Whether an `hf-hub:` model name is allowed (HELIP_ALLOWED_MODELS)."""
+        return self.models is None or any(name.startswith(p) for p in self.models)
 
     @property
     def restricted(self) -> bool:
