@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import HelipError, SpecError, StorageError
-from core.spec import parse_spec
+from core.errors import HelipError, StorageError
+from core.spec import spec_error
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,10 @@ async def _on_validation(request: Request, exc: RequestValidationError) -> JSONR
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = tuple(first.get("loc", ()))
-    # A job spec body: re-validate with core.spec so the API and `helip run` word errors the same way.
+    # A job spec body: FastAPI validated it once already; word its errors as `helip run` does (no second parse).
     if loc and loc[0] == "body" and request.url.path.rstrip("/") == "/jobs" and isinstance(exc.body, dict):
-        try:
-            parse_spec(exc.body)
-        except SpecError as spec_exc:
-            return error_response(422, spec_exc.code, spec_exc.message, spec_exc.param)
+        spec_exc = spec_error([{**e, "loc": tuple(e.get("loc", ()))[1:]} for e in errors])
+        return error_response(422, spec_exc.code, spec_exc.message, spec_exc.param)
     code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_request"
     # A body that is not JSON, or not an object, is wrong as a whole: the field at fault is the body itself.
     param = "body" if code == "invalid_json" else (_validation_param(loc) or (loc[0] if loc else None))

@@ -40,6 +40,9 @@ def check_model(spec: JobSpec, *, allowed_models: tuple[str, ...] = ()) -> None:
     """The architecture and pretrained tag exist in open_clip's registry (or are an allowed hf-hub model)."""
     _check_architecture(spec.model.name, spec.model.config is not None, spec.model.pretrained, "model",
                         allowed_models)
+    if (spec.mining.encoder_pretrained or "").startswith("hf-hub:"):
+        raise SpecError(f"{spec.mining.encoder_pretrained!r}: a hub model is given as mining.encoder (open_clip "
+                        "loads its config and weights from the repository)", param="mining.encoder_pretrained")
     if spec.mining.encoder not in ("self", spec.model.name):  # the model's own (maybe custom) architecture
         _check_architecture(spec.mining.encoder, False, spec.mining.encoder_pretrained, "mining.encoder",
                             allowed_models, pretrained_param="mining.encoder_pretrained", name_param="mining.encoder")

@@ -383,18 +383,23 @@ def parse_spec(doc: Any) -> JobSpec:
     try:
         return JobSpec.model_validate(doc)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        first = errors[0]
-        param = _param_of(first)
-        msg = first.get("msg", "invalid value")
-        if first.get("type") == "extra_forbidden":
-            msg = f"unknown field '{param}'"
-        elif first.get("type") == "missing":
-            msg = f"field '{param}' is required"
-        elif param:
-            msg = f"{param}: {msg}"
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise SpecError(msg.replace("Value error, ", "") + more, param=param or None) from None
+        raise spec_error(exc.errors(include_url=False)) from None
+
+
+def spec_error(errors: list[Any]) -> SpecError:
+    """The SpecError for pydantic's errors of a spec (locations relative to the spec): the first one, worded as
+    `helip run` and the API both word it."""
+    first = errors[0]
+    param = _param_of(first)
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = f"unknown field '{param}'"
+    elif first.get("type") == "missing":
+        msg = f"field '{param}' is required"
+    elif param:
+        msg = f"{param}: {msg}"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return SpecError(msg.replace("Value error, ", "") + more, param=param or None)
 
 
 def resolve_spec(doc: Any | JobSpec, *, seed: int | None = None) -> JobSpec:

@@ -18,9 +18,12 @@ def generate() -> dict:
     """The registry of the installed open_clip (imports torch)."""
     import open_clip
 
-    tags: dict[str, list[str]] = {m: [] for m in sorted(open_clip.list_models())}
+    # open_clip's own configs (its package's model_configs/), not those a process registered at run time
+    shipped = {p.stem for p in (Path(open_clip.__file__).parent / "model_configs").glob("*.json")}
+    tags: dict[str, list[str]] = {m: [] for m in sorted(shipped)}
     for model, tag in open_clip.list_pretrained():
-        tags.setdefault(model, []).append(tag)
+        if model in shipped:
+            tags[model].append(tag)
     return {"open_clip": open_clip.__version__, "models": {m: sorted(t) for m, t in sorted(tags.items())}}
 
 
