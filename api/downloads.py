@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi import Request
 
-from helip.settings import Settings
 from helip.links import sign_key
+from helip.settings import Settings
 from helip.store import Store
 
 

@@ -98,10 +98,10 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _on_validation)
-    app.add_exception_handler(ApiError, _on_api_error)
-    app.add_exception_handler(HelipError, _on_helip_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, _on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HelipError, _on_helip_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, _on_database_down)
     app.add_exception_handler(InterfaceError, _on_database_down)
     app.add_exception_handler(Exception, _on_unexpected)

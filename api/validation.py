@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 
 from api.errors import ApiError
 from api.probes import check_csv_columns, check_first_sample, data_format
@@ -89,19 +90,23 @@ def _probes(spec: JobSpec, access: Access) -> list[tuple[str, Callable[[], None]
                                                 r.csv_caption_key or spec.data.csv_caption_key)
     for field, location in spec_locations(spec):
         if _is_folder_field(field):
-            probes.append((field, lambda f=field, loc=location: _non_empty_folder(f, loc, access)))
+            probes.append((field, partial(_non_empty_folder, field, location, access)))
             continue
         first = BracePattern(location, param=field).first() if "{" in location else location
         if field in csv_keys:
             if data_format(location) == "csv":
                 sep, img, cap = csv_keys[field]
-                probes.append((field, lambda f=field, loc=first, s=sep, i=img, c=cap: check_csv_columns(
-                    loc, access, separator=s, img_key=i, caption_key=c, param=f)))
+                probes.append((field, partial(check_csv_columns, first, access, separator=sep, img_key=img,
+                                              caption_key=cap, param=field)))
             else:
-                probes.append((field, lambda f=field, loc=first: check_first_sample(loc, access, param=f)))
+                probes.append((field, partial(check_first_sample, first, access, param=field)))
         else:
-            probes.append((field, lambda f=field, loc=first: stat_size(loc, access, param=f) and None))
+            probes.append((field, partial(_exists, first, access, field)))
     return probes
+
+
+def _exists(location: str, access: Access, field: str) -> None:
+    stat_size(location, access, param=field)
 
 
 def _non_empty_folder(field: str, location: str, access: Access) -> None:

@@ -54,7 +54,7 @@ class _Group:  # braces that are neither a list nor a range stay literal, as in 
 
 def _match_brace(text: str, start: int) -> tuple[int, list[int]]:
     """Index of the brace closing text[start], and the positions of its top-level commas (-1 if unbalanced)."""
-    depth, commas = 0, []
+    depth, commas = 0, list[int]()
     for i in range(start, len(text)):
         c = text[i]
         if c == "{":
@@ -171,7 +171,7 @@ class BracePattern:
     def first(self) -> str:
         return next(_expand(self._seq))
 
-    def split_dir(self) -> tuple["BracePattern", "BracePattern"] | None:
+    def split_dir(self) -> tuple[BracePattern, BracePattern] | None:
         """(directory part, last component) split at the last '/' outside every brace group, or None when a
         brace group holds a '/' (then the directories cannot be told apart without expanding)."""
         cut = None
@@ -189,7 +189,7 @@ class BracePattern:
             tail = (*((_Lit(lit[j + 1:]),) if lit[j + 1:] else ()), *self._seq[i + 1:])
         return self._from_seq(head), self._from_seq(tail)
 
-    def _from_seq(self, seq: tuple) -> "BracePattern":
+    def _from_seq(self, seq: tuple) -> BracePattern:
         out = object.__new__(BracePattern)
         out.pattern, out.param, out.limit, out._seq, out.count = self.pattern, self.param, self.limit, seq, _count(seq)
         return out

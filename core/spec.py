@@ -237,7 +237,8 @@ class TrainSpec(_Strict):
 class ZeroShotSpec(_Strict):
     name: DatasetName = Field(description="the data set's name in the results (at most 128 printable characters, no '/')")
     root: str = Field(min_length=1, description="ImageFolder root: one folder per class")
-    classnames: list[str] | None = Field(default=None, max_length=100_000, description="class names in folder order; default the folder names")
+    classnames: list[str] | None = Field(default=None, max_length=100_000,
+                                         description="class names in folder order; default the folder names")
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {c}."], min_length=1, max_length=1000,
                                  description="prompt templates; {c} is replaced by the class name")
 
@@ -261,7 +262,8 @@ class LinearProbeSpec(_Strict):
 class EvalSpec(_Strict):
     zeroshot: list[ZeroShotSpec] = Field(default_factory=list, max_length=32, description="zero-shot classification sets")
     retrieval: list[RetrievalSpec] = Field(default_factory=list, max_length=32, description="image-text retrieval sets")
-    linear_probe: list[LinearProbeSpec] = Field(default_factory=list, max_length=32, description="linear-probe sets (train and test)")
+    linear_probe: list[LinearProbeSpec] = Field(default_factory=list, max_length=32,
+                                                description="linear-probe sets (train and test)")
     batch_size: int = Field(default=256, ge=1, le=65536, description="evaluation batch size")
 
 
@@ -274,7 +276,7 @@ class WebhookSpec(_Strict):
                      description="http(s) URL the events are POSTed to, signed per Standard Webhooks; its host must "
                      "be in the service's HELIP_WEBHOOK_ALLOWED_HOSTS")
     events: list[WebhookEvent] = Field(
-        default_factory=lambda: ["job.succeeded", "job.failed", "job.cancelled"], min_length=1,
+        default_factory=lambda: list[WebhookEvent](["job.succeeded", "job.failed", "job.cancelled"]), min_length=1,
         description="which events to send: job.succeeded, job.failed, job.cancelled, job.stage (each stage start)")
 
     @field_validator("url")

@@ -16,7 +16,8 @@ configure_process()  # the CLI is an entry point: offline hub, quiet random-init
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="helip: boost a trained CLIP model with hard pairs mined from its own data (HELIP).")
-app.add_typer(jobs_app, name="jobs", help="Drive a running helip API: submit, wait, list, show, events, metrics, cancel, download.")
+app.add_typer(jobs_app, name="jobs",
+              help="Drive a running helip API: submit, wait, list, show, events, metrics, cancel, download.")
 
 
 def _fail(exc: Exception) -> None:

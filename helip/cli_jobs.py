@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,7 +13,7 @@ from helip.client import Client, HelipAPIError
 app = typer.Typer(no_args_is_help=True, help="Drive a helip API: HELIP_API_URL and HELIP_API_KEY, or --api/--api-key.")
 
 Api = Annotated[str, typer.Option("--api", envvar="HELIP_API_URL", help="base URL of the helip API")]
-ApiKey = Annotated[Optional[str], typer.Option("--api-key", envvar="HELIP_API_KEY", help="bearer token",
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="HELIP_API_KEY", help="bearer token",
                                                show_default=False)]
 JobId = Annotated[str, typer.Argument(help="job id (job-...)")]
 DEFAULT_API = "http://127.0.0.1:8000"
@@ -90,7 +90,7 @@ def _finish(client: Client, job) -> None:  # noqa: ANN001
 @app.command()
 def submit(spec: Annotated[Path, typer.Argument(help="job spec file, JSON or YAML")],
            wait: Annotated[bool, typer.Option("--wait", help="follow the job to its end, then print the lift table")] = False,
-           idempotency_key: Annotated[Optional[str], typer.Option(help="resubmitting with it returns the same job")] = None,
+           idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with it returns the same job")] = None,
            poll: Annotated[float, typer.Option(help="seconds between polls with --wait", min=0.05)] = 1.0,
            api: Api = DEFAULT_API, api_key: ApiKey = None) -> None:
     """Submit a job; prints `job ID STATUS`. With --wait: a live line (stage, step, loss, ETA of the whole job)."""
@@ -106,8 +106,8 @@ def submit(spec: Annotated[Path, typer.Argument(help="job spec file, JSON or YAM
 
 
 @app.command("list")
-def list_(status: Annotated[Optional[str], typer.Option(help="queued, running, succeeded, failed, cancelling, cancelled")] = None,
-          metadata: Annotated[Optional[list[str]], typer.Option("--metadata", "-m", help="KEY=VALUE (repeatable)")] = None,
+def list_(status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, cancelling, cancelled")] = None,
+          metadata: Annotated[list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE (repeatable)")] = None,
           limit: Annotated[int, typer.Option(help="at most this many jobs", min=1)] = 50,
           api: Api = DEFAULT_API, api_key: ApiKey = None) -> None:
     """The caller's jobs, newest first: id, status, stage, created, name."""
@@ -139,7 +139,7 @@ def show(job_id: JobId, api: Api = DEFAULT_API, api_key: ApiKey = None) -> None:
 
 
 @app.command()
-def events(job_id: JobId, after: Annotated[Optional[int], typer.Option(help="only events after this id")] = None,
+def events(job_id: JobId, after: Annotated[int | None, typer.Option(help="only events after this id")] = None,
            follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the job ends")] = False,
            api: Api = DEFAULT_API, api_key: ApiKey = None) -> None:
     """The job's events: id, time, level, message."""

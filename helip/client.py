@@ -6,7 +6,7 @@ import email.utils
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -16,8 +16,16 @@ from pydantic import BaseModel
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from api.schemas import (
-    CheckpointPublic, CheckpointsPage, EventPublic, EventsPage, JobPublic, JobsPage, MetricsPage,
-    WebhookDeliveriesPage, WebhookDeliveryPublic, WebhookSecret,
+    CheckpointPublic,
+    CheckpointsPage,
+    EventPublic,
+    EventsPage,
+    JobPublic,
+    JobsPage,
+    MetricsPage,
+    WebhookDeliveriesPage,
+    WebhookDeliveryPublic,
+    WebhookSecret,
 )
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -36,7 +44,7 @@ class HelipAPIError(Exception):
         self.retry_after = retry_after
 
     @classmethod
-    def from_response(cls, resp: httpx.Response) -> "HelipAPIError":
+    def from_response(cls, resp: httpx.Response) -> HelipAPIError:
         try:
             err = resp.json().get("error") or {}
         except (ValueError, AttributeError):
@@ -60,7 +68,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -81,7 +89,7 @@ class Client:
         self.download_attempts = download_attempts
         self._sleep = sleep
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -261,7 +269,7 @@ class Client:
 
     def _fetch_into(self, part: Path, have: int, ck: CheckpointPublic, job_id: str, run: str) -> CheckpointPublic:
         """One GET of the rest of the file, appended to `part`; returns the checkpoint (its link renewed if expired)."""
-        if ck.expires_at <= datetime.now(timezone.utc):
+        if ck.expires_at <= datetime.now(UTC):
             ck = self._final_checkpoint(job_id, run)
         headers = {"Range": f"bytes={have}-"} if have else {}
         with self.raw.stream("GET", ck.url, headers=headers) as resp:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 MAX_TOKEN_CHARS = 4096
 
 
-def _fernet(secret: bytes) -> "Fernet":
+def _fernet(secret: bytes) -> Fernet:
     from cryptography.fernet import Fernet
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF

@@ -169,7 +169,7 @@ class Settings(BaseSettings):
         out.append(str(Path(".env").resolve()))
         return tuple(out)
 
-    def s3_config(self) -> "S3Config | None":
+    def s3_config(self) -> S3Config | None:
         """core.s3.S3Config for the configured endpoint (one for job reads and the store), or None without one."""
         if not self.s3_endpoint_url:
             return None

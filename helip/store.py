@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from core import s3
@@ -184,7 +184,7 @@ class FileStore(Store):
         return isinstance(exc, (ConnectionError, TimeoutError)) or (
             isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS)
 
-    def __init__(self, root: Path | str, **kw: float):
+    def __init__(self, root: Path | str, **kw: Any):
         super().__init__(**kw)
         self.root = Path(root)
         self.url = self.root.as_uri() if self.root.is_absolute() else f"file://{self.root}"
@@ -253,7 +253,7 @@ class S3Store(Store):
     """A bucket (and key prefix) on an S3-compatible server, through the minio client."""
 
     def __init__(self, bucket: str, prefix: str, *, endpoint: str, access_key: str | None, secret_key: str | None,
-                 secure: bool = False, region: str | None = None, timeout: float = 60.0, **kw: float):
+                 secure: bool = False, region: str | None = None, timeout: float = 60.0, **kw: Any):
         super().__init__(**kw)
         self.bucket = bucket
         self.prefix = prefix.strip("/")

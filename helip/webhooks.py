@@ -141,7 +141,7 @@ def _claim(session: Session, now: datetime, limit: int) -> list[WebhookDelivery]
         res = session.execute(update(WebhookDelivery).where(
             WebhookDelivery.id == d.id, WebhookDelivery.attempts == d.attempts, WebhookDelivery.status == "pending",
             WebhookDelivery.next_attempt_at <= now).values(next_attempt_at=now + LEASE))
-        if res.rowcount == 1:
+        if getattr(res, "rowcount", 0) == 1:  # an UPDATE's CursorResult
             won.append(d)
     return won
 
@@ -157,7 +157,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tupl
     answer is cut off too): (status code, error). Redirects are not followed, no proxy from the environment."""
     try:
         code = asyncio.run(asyncio.wait_for(_post(url, body, headers, timeout), timeout))
-    except (asyncio.TimeoutError, httpx.TimeoutException):
+    except (TimeoutError, httpx.TimeoutException):
         return None, f"no answer within {timeout:g} s"
     except httpx.HTTPError as exc:
         return None, f"{type(exc).__name__}: {str(exc)[:200]}"

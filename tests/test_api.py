@@ -443,4 +443,5 @@ def test_production_refuses_embedded_defaults(tmp_path: Path) -> None:
     assert Settings(_env_file=None, data_dir=tmp_path, api_keys=str(keys)).api_key_list() == ["alpha", "beta"]
     s = Settings(_env_file=None, data_dir=tmp_path)
     assert s.database_url == f"sqlite:///{tmp_path.resolve()}/helip.sqlite" and s.api_key_list() == []
-    assert s.storage_url == (tmp_path.resolve() / "store").as_uri() and s.allowed_prefixes() == (str(tmp_path.resolve() / "datasets"),)
+    assert s.storage_url == (tmp_path.resolve() / "store").as_uri()
+    assert s.allowed_prefixes() == (str(tmp_path.resolve() / "datasets"),)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from helip.client import Client, HelipAPIError, parse_retry_after
 
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def job_body(job_id: str = "job-" + "a" * 24, status: str = "queued") -> dict:
@@ -135,7 +135,7 @@ def download_api(blob: bytes, *, sha: str | None = None, cut: int | None = None,
     ranges = [] if ranges is None else ranges
     ck = {"run": "helip", "step": 9, "final": True, "sha256": sha or hashlib.sha256(blob).hexdigest(),
           "size": len(blob), "created_at": NOW.isoformat(), "url": "http://store.test/blob",
-          "expires_at": (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()}
+          "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat()}
 
     def handler(req: httpx.Request) -> httpx.Response:
         if req.url.host == "api.test":
@@ -195,8 +195,8 @@ def test_no_final_checkpoint_of_that_run_is_a_404(tmp_path: Path):
 
 def test_the_files_route_serves_byte_ranges(tmp_path: Path):
     from api.main import create_app
-    from helip.settings import Settings
     from helip.links import sign_key
+    from helip.settings import Settings
 
     settings = Settings(_env_file=None, data_dir=tmp_path, secret_key="s")
     path = tmp_path / "store" / "jobs" / "j" / "helip_final.pt"

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from core import data as dd
-from core import io as dio
 from core.data import BadSample, PairDataset, build_index, collate_pairs, load_image
 from core.errors import DataError, LocationError
 from core.io import Access

@@ -4,8 +4,8 @@ checkpoints through real worker jobs, and the auth edges (other keys, expiring l
 from __future__ import annotations
 
 import base64
-import copy
 import builtins
+import copy
 import hashlib
 import io
 import json

@@ -7,7 +7,7 @@ import http.server
 import json
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ def test_signatures_match_the_reference_implementation():
     body = b'{"type":"job.succeeded","data":{"id":"job-1"}}'
     ts = 1_700_000_000
     ours = sign(SECRET, "msg_p5jXN8AQM9LWM0D4loKWxJek", ts, body)
-    ref = Webhook(SECRET).sign("msg_p5jXN8AQM9LWM0D4loKWxJek", datetime.fromtimestamp(ts, timezone.utc), body.decode())
+    ref = Webhook(SECRET).sign("msg_p5jXN8AQM9LWM0D4loKWxJek", datetime.fromtimestamp(ts, UTC), body.decode())
     assert ours == ref
     headers = signed_headers(SECRET, "msg_1", body)
     assert Webhook(SECRET).verify(body, headers) == json.loads(body)

@@ -9,10 +9,10 @@ import time
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+import worker.webhooks  # noqa: F401 - its dispatcher thread starts and stops with the worker
 from helip.entry import configure_process
 from helip.queue import celery_config, send_run_job
 from helip.settings import Settings, get_settings
-import worker.webhooks  # noqa: F401 - its dispatcher thread starts and stops with the worker
 
 configure_process()  # the worker is an entry point: offline hub (inherited by job children), quiet warnings
 

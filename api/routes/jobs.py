@@ -17,7 +17,6 @@ from api.downloads import download_url
 from api.errors import ApiError, not_found
 from api.hard_pairs import hard_pairs_sample
 from api.job_filters import METADATA_FILTER_DOC, metadata_filters
-from api.webhook_check import check_webhook
 from api.schemas import (
     CheckpointPublic,
     CheckpointsPage,
@@ -32,6 +31,7 @@ from api.schemas import (
     StepPublic,
 )
 from api.validation import check_locations, check_model
+from api.webhook_check import check_webhook
 from core.errors import StorageError
 from core.spec import resolve_spec
 from helip import crud, transitions

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from api.deps import OwnerDep, SessionDep, SettingsDep, StoreDep
-from api.errors import ApiError
+from api.errors import ApiError, not_found
 from api.job_data import Embeddings, JobData, MinedTable, key_crc
 from api.routes.jobs import ERRORS, INT64_MAX, _owned
 from api.thumbnails import Indexes, ThumbnailCache, render_thumbnail
@@ -206,9 +206,11 @@ def hard_pair_row(job_id: str, row: Row, request: Request, session: SessionDep, 
     table = _table(request, session, job_id, store)
     _row_of(table, row)
     rec = table.record(row)
+    if rec is None:  # a row the mining left out (an unusable sample)
+        raise not_found("mined row")
     neighbors = [int(n) for n in rec["neighbors"]]
     captions, data_note = _captions(request, job, settings, table, [row, *neighbors])
-    mining = job.spec["mining"]
+    mining = (job.spec or {})["mining"]
     ct, cv, counts, cos_note = _cosines(request, session, store, job_id, row, neighbors, mining)
     keys = _neighbor_keys(table, neighbors)
     out_neighbors = []

@@ -24,7 +24,8 @@ def get_webhook_secret(owner: OwnerDep, settings: SettingsDep) -> WebhookSecret:
 
 @router.get("/jobs/{job_id}/webhook-deliveries", response_model=WebhookDeliveriesPage, responses=ERRORS)
 def job_webhook_deliveries(job_id: str, session: SessionDep, owner: OwnerDep,
-                           after: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="id of the last delivery seen")] = None,
+                           after: Annotated[int | None, Query(ge=0, le=INT64_MAX,
+                                                              description="id of the last delivery seen")] = None,
                            limit: Annotated[int, Query(ge=1, le=1000, description="deliveries per page")] = 100):
     """Every webhook message of the job: its status, attempts and each attempt's answer."""
     _owned(session, job_id, owner)

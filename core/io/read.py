@@ -18,6 +18,13 @@ from core.s3 import S3Config
 T = TypeVar("T")
 
 
+def _cfg(access: Access) -> S3Config:
+    """The S3 configuration of an access that already passed its check (which refuses s3:// without one)."""
+    if access.s3 is None:
+        raise LocationError("no S3 server is configured (HELIP_S3_ENDPOINT_URL)")
+    return access.s3
+
+
 def _s3_call(fn: Callable[[], T], cfg: S3Config, location: str, param: str | None) -> T:
     """One S3 request under the retry policy; its final failure mapped to a domain error."""
     try:
@@ -102,7 +109,7 @@ def open_binary(location: str, access: Access, *, param: str | None = None) -> B
     """A streaming reader (buffered). S3: one GET that resumes on a dropped connection."""
     norm = _single(location, access, param)
     if is_s3(norm):
-        return io.BufferedReader(_S3Stream(access.s3, norm, param=param), buffer_size=1 << 20)
+        return io.BufferedReader(_S3Stream(_cfg(access), norm, param=param), buffer_size=1 << 20)
     return os.fdopen(open_local_fd(norm, access, location, param), "rb", buffering=1 << 20)
 
 
@@ -115,7 +122,7 @@ def read_range(location: str, offset: int, length: int, access: Access, *, param
     norm = _single(location, access, param)
     if is_s3(norm):
         bucket, key = split_s3(norm)
-        client = s3.s3_client(access.s3)
+        client = s3.s3_client(_cfg(access))
 
         def get() -> bytes:
             resp = client.get_object(bucket, key, offset=offset, length=length)
@@ -124,7 +131,7 @@ def read_range(location: str, offset: int, length: int, access: Access, *, param
             finally:
                 s3.close_response(resp)
 
-        return _s3_call(get, access.s3, norm, param)
+        return _s3_call(get, _cfg(access), norm, param)
     fd = HANDLES.get(norm, access, location, param)
     return os.pread(fd, length, offset)
 
@@ -134,7 +141,7 @@ def read_bytes(location: str, access: Access, *, max_bytes: int | None = None, p
     norm = _single(location, access, param)
     if is_s3(norm):
         bucket, key = split_s3(norm)
-        client = s3.s3_client(access.s3)
+        client = s3.s3_client(_cfg(access))
 
         def get() -> bytes:
             resp = client.get_object(bucket, key)
@@ -146,7 +153,7 @@ def read_bytes(location: str, access: Access, *, max_bytes: int | None = None, p
             finally:
                 s3.close_response(resp)
 
-        data = _s3_call(get, access.s3, norm, param)
+        data = _s3_call(get, _cfg(access), norm, param)
     else:
         with os.fdopen(open_local_fd(norm, access, location, param), "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -163,8 +170,8 @@ def stat_size(location: str, access: Access, *, param: str | None = None) -> int
     norm = _single(location, access, param)
     if is_s3(norm):
         bucket, key = split_s3(norm)
-        client = s3.s3_client(access.s3)
-        return int(_s3_call(lambda: client.stat_object(bucket, key), access.s3, norm, param).size)
+        client = s3.s3_client(_cfg(access))
+        return int(_s3_call(lambda: client.stat_object(bucket, key), _cfg(access), norm, param).size or 0)
     fd = open_local_fd(norm, access, location, param)
     try:
         return os.fstat(fd).st_size
@@ -178,13 +185,13 @@ def list_dir(location: str, access: Access, *, param: str | None = None) -> list
     if is_s3(norm):
         bucket, key = split_s3(norm)
         prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-        client = s3.s3_client(access.s3)
+        client = s3.s3_client(_cfg(access))
 
         def listing() -> list[str]:
             # The listing is paged lazily: materialise it inside the retried call.
             return [o.object_name[len(prefix):] for o in client.list_objects(bucket, prefix=prefix)]
 
-        names = _s3_call(listing, access.s3, norm, param)
+        names = _s3_call(listing, _cfg(access), norm, param)
         return sorted(n for n in names if n and n != "/")
     if not os.path.isdir(norm):
         raise LocationError(f"{location}: not a directory", param=param)
