@@ -24,6 +24,7 @@ from core.errors import SpecError
 MAX_STRING = 4096  # any string in the spec (locations, templates, names)
 MAX_NAME = 128  # data set names: they become metric keys and database values
 MAX_STEPS = 10_000_000
+NEVER = 1_000_000_000  # an interval (checkpoint_every, log_every) this large means "not during the run"
 MAX_BATCH = 1 << 20
 MAX_CONFIG_DEPTH = 6
 MAX_CONFIG_NODES = 2000
@@ -223,7 +224,7 @@ class TrainSpec(_Strict):
         default="auto", description="autocast dtype; auto: bf16 on a GPU, fp32 on CPU")
     ssl_weight: float = Field(default=0.0, ge=0.0, le=1000.0, description="SLIP-style SimCLR image-image term")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="filled in when omitted")
-    checkpoint_every: int = Field(default=200, ge=1, le=MAX_STEPS, description="optimizer steps between checkpoints")
+    checkpoint_every: int = Field(default=200, ge=1, le=NEVER, description="optimizer steps between checkpoints")
     keep_states: int = Field(
         default=2, ge=1, le=1000,
         description="resumable training states (weights + optimizer) kept in the store per run; older ones are "
@@ -231,7 +232,7 @@ class TrainSpec(_Strict):
     )
     devices: int | None = Field(default=None, ge=1, le=64, description="processes for DDP (default: all GPUs, 1 on CPU)")
     compile: bool = Field(default=False, description="torch.compile the model (GPU)")
-    log_every: int = Field(default=10, ge=1, le=MAX_STEPS, description="optimizer steps between recorded training metrics")
+    log_every: int = Field(default=10, ge=1, le=NEVER, description="optimizer steps between recorded training metrics")
 
 
 class ZeroShotSpec(_Strict):
