@@ -9,7 +9,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from core.progress import Stage
 from core.spec import JobSpec
-from helip.tables import JobStatus
+from helip.status import JobStatus
 
 # A complete, small job: the example shown in /docs for POST /jobs.
 EXAMPLE_SPEC: dict[str, Any] = {

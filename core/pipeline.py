@@ -224,8 +224,10 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     (workdir / layout.METRICS).write_text(json.dumps(doc, indent=1))
     artifacts["metrics"] = workdir / layout.METRICS
     timings["total"] = time.perf_counter() - t0
+    # the lift (boosted minus baseline and minus control) is what a job is for: on the job itself, so a list
+    # of jobs or a webhook shows it without a second request; the full metrics are in metrics.json and /metrics
     summary = {"timings": timings, "steps": steps, "mining": mined.report, "data": index.report(),
-               "seed": spec.train.seed}
+               "seed": spec.train.seed, "lift": doc["lift"]}
     (workdir / layout.SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
     reporter.event("job finished", data=summary)
     return JobResult(metrics=metrics, artifacts=artifacts, summary=summary)

@@ -203,8 +203,15 @@ class Client:
                 return MetricsPage(data=steps, eval=page.eval, has_more=False)
             after_step = page.data[-1].step
 
-    def checkpoints(self, job_id: str) -> list[CheckpointPublic]:
-        return self._get(f"/jobs/{_q(job_id)}/checkpoints", CheckpointsPage).data
+    def checkpoints(self, job_id: str, *, include_states: bool = False) -> list[CheckpointPublic]:
+        """The job's final weights (all pages), and with `include_states` its resumable training states too."""
+        out: list[CheckpointPublic] = []
+        while True:
+            page = self._get(f"/jobs/{_q(job_id)}/checkpoints", CheckpointsPage, limit=100,
+                             after=out[-1].id if out else None, include="states" if include_states else None)
+            out += page.data
+            if not page.has_more or not page.data:
+                return out
 
     def webhook_deliveries(self, job_id: str) -> list[WebhookDeliveryPublic]:
         """The job's webhook messages with every attempt (all pages)."""

@@ -133,13 +133,14 @@ class CutStream(httpx.SyncByteStream):
 
 def download_api(blob: bytes, *, sha: str | None = None, cut: int | None = None, ranges: list | None = None):
     ranges = [] if ranges is None else ranges
-    ck = {"run": "helip", "step": 9, "final": True, "sha256": sha or hashlib.sha256(blob).hexdigest(),
+    ck = {"id": 2, "run": "helip", "step": 9, "final": True, "sha256": sha or hashlib.sha256(blob).hexdigest(),
           "size": len(blob), "created_at": NOW.isoformat(), "url": "http://store.test/blob",
           "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat()}
 
     def handler(req: httpx.Request) -> httpx.Response:
         if req.url.host == "api.test":
-            return httpx.Response(200, json={"data": [{**ck, "final": False, "step": 5}, ck]})
+            return httpx.Response(200, json={"data": [{**ck, "id": 1, "final": False, "step": 5}, ck],
+                                             "has_more": False})
         assert "Authorization" not in req.headers  # the API key never goes to the storage link
         rng = req.headers.get("Range")
         ranges.append(rng)

@@ -452,8 +452,9 @@ def test_malformed_data_and_checkpoints_fail_clearly_and_the_worker_survives(job
     csv, rows, n_bad = _bad_rows_csv(world, bad_dir / "rows")
     shards = _truncated_shards(world, bad_dir / "shards")
     no_caption = bad_dir / "no_caption.tsv"
-    no_caption.write_text("filepath\tdescription\n" + "".join(
-        f"{world.train_csv.parent / ln.split(chr(9))[0]}\tx\n" for ln in world.train_csv.read_text().splitlines()[1:5]))
+    body = "".join(f"{world.train_csv.parent / ln.split(chr(9))[0]}\tx\n"
+                   for ln in world.train_csv.read_text().splitlines()[1:5])
+    no_caption.write_text("filepath\tdescription\n" + body)
     junk = bad_dir / "junk.pt"
     junk.write_bytes(os.urandom(4096))
     marker = bad_dir / "pwned"
@@ -478,7 +479,13 @@ def test_malformed_data_and_checkpoints_fail_clearly_and_the_worker_survives(job
         "pickle payload (raw)": spec(model={"pretrained": str(raw_pickle)}),
         "bad rows under the threshold": spec(data={"train": str(csv), "max_bad_fraction": 0.5}),
     }
-    ids = {name: job_service.submit(s) for name, s in cases.items()}  # the API accepts all: they stat fine
+    # A CSV without the caption column is refused at submit, naming the field ...
+    r = job_service.http.post("/jobs", json=cases["missing column"])
+    assert r.status_code == 422 and r.json()["error"]["param"] == "data.csv_caption_key", r.text
+    # ... and when its header changes after the submission, the worker fails the job naming the same field.
+    no_caption.write_text("filepath\ttitle\n" + body)
+    ids = {name: job_service.submit(s) for name, s in cases.items()}  # the API accepts these: they look fine
+    no_caption.write_text("filepath\tdescription\n" + body)
     worker = job_service.start_worker("hostile", HELIP_STALE_AFTER_SECONDS="120")
     try:
         jobs = {name: job_service.wait(i, lambda j: j["status"] in FINISHED, timeout=600, workers=[worker])

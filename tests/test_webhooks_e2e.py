@@ -74,7 +74,7 @@ def test_signed_events_reach_their_receivers_and_a_failing_one_is_retried(servic
             "embedding", "mining", "training", "evaluating"]
         final = payloads[-1]
         assert final["type"] == "job.succeeded" and final["data"]["id"] == job.id
-        assert final["data"]["status"] == "succeeded" and "helip" in final["data"]["result"]["metrics"]
+        assert final["data"]["status"] == "succeeded" and final["data"]["result"]["summary"]["lift"]["helip_minus_baseline"]
         assert [h["webhook-id"] for _, h, _ in ok.got] == [r.message_id for r in rows]
 
         (cancelled,) = settle(client, other.id, 1)

@@ -173,12 +173,11 @@ async function route() {
 const HEADLINE = ["acc1", "image_retrieval_recall@1", "lp_acc1", "text_retrieval_recall@1"];
 
 H.headlineLift = function (job) {
-  const m = (job.result && job.result.metrics) || {};
-  if (!m.helip || !m.baseline) return null;
-  for (const ds of Object.keys(m.helip)) {
-    const base = m.baseline[ds] || {};
-    const metric = HEADLINE.find((k) => k in m.helip[ds] && k in base) || Object.keys(m.helip[ds]).find((k) => k in base);
-    if (metric) return { ds, metric, value: m.helip[ds][metric] - base[metric] };
+  const summary = (job.result && job.result.summary) || {};
+  const lift = (summary.lift || {}).helip_minus_baseline || {};
+  for (const ds of Object.keys(lift)) {
+    const metric = HEADLINE.find((k) => k in lift[ds]) || Object.keys(lift[ds])[0];
+    if (metric) return { ds, metric, value: lift[ds][metric] };
   }
   return null;
 };
