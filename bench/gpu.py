@@ -142,7 +142,7 @@ def phase_step(cfg: dict[str, Any], dev: torch.device, model_key: str, batch_key
 def phase_mining(cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
     """Exact mining (core.mining) and, in the same run, the brute-force loop with the same block rows."""
     from bench.mining import blocked_brute_force, exact_capped, synthetic_embeddings_torch
-    from core.mining import _rows_per_block
+    from core.mining.exact import _rows_per_block
 
     n = cfg["mining_n"]
     dtype = torch.float16 if dev.type == "cuda" else torch.float32

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import DataError, SpecError
-from core.mining import (MinedPairs, mine_exact, mine_fast, pair_scores_reference, read_hard_pairs,
-                         write_hard_pairs)
+from core.mining import MinedPairs, mine_exact, mine_fast, read_hard_pairs, write_hard_pairs
+from tests.mining_reference import pair_scores_reference
 
 torch.set_num_threads(1)
 
@@ -71,7 +71,7 @@ def test_ties_at_the_cut_keep_the_lowest_indices() -> None:
 
 @pytest.mark.parametrize("k", [1, 3, 10, 40, 200])
 def test_topk_window_and_tie_rule_match_a_full_sort(k: int) -> None:
-    from core.mining import _finish_rows, _topk_lowest_index
+    from core.mining.scores import _finish_rows, _topk_lowest_index
 
     g = torch.Generator().manual_seed(k)
     scores = torch.randint(0, 6, (30, 200), generator=g).float() / 5  # few distinct values: ties everywhere
