@@ -93,8 +93,8 @@ def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray,
     t, v = torch.from_numpy(text), torch.from_numpy(image)
     if m.method == "exact":
         return mine_exact(t, v, block_size=m.block_size, **kw)
-    return mine_fast(t, v, candidates=m.candidates, reference_size=m.reference_size,
-                     recall_sample=m.recall_sample, seed=spec.train.seed, **kw)
+    return mine_fast(t, v, list_size=m.list_size, probe=m.probe, recall_sample=m.recall_sample,
+                     seed=spec.train.seed, **kw)
 
 
 def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, device, workdir: Path,

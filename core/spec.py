@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import SpecError
 
@@ -50,16 +50,37 @@ class DataSpec(_Strict):
 class MiningSpec(_Strict):
     encoder: str = Field(default="self", description="`self`, or an open_clip model name used as the miner")
     encoder_pretrained: str | None = Field(default=None, description="weights for a separate miner")
-    top_k: int = Field(default=50, ge=1, le=1000)
-    method: Literal["exact", "fast"] = "exact"
-    candidates: int | None = Field(default=None, ge=1, description="fast: ANN candidates per query (default 4 x top_k)")
-    reference_size: int = Field(default=3_000_000, ge=1, description="fast: size of the reference subset")
-    same_caption_threshold: float = Field(default=0.995, ge=-1.0, le=1.0)
-    duplicate_threshold: float = Field(default=0.98, ge=-1.0, le=1.0)
+    top_k: int = Field(default=50, ge=1, le=1000, description="hard pairs kept per training pair, best first")
+    method: Literal["exact", "fast"] = Field(
+        default="exact",
+        description="`exact`: every pair scored (symmetric tiles, threshold selection); `fast`: an inverted-file "
+        "self-join over k-means lists of [text; image], recall measured on held-out queries",
+    )
+    list_size: int = Field(default=256, ge=1, description="fast: rows per inverted list (k-means cluster)")
+    probe: int = Field(default=32, ge=1, description="fast: lists each list's rows are compared with, its own "
+                       "included (more: higher recall, proportionally slower)")
+    same_caption_threshold: float = Field(default=0.995, ge=-1.0, le=1.0,
+                                          description="a text cosine above this is the same caption: never hard")
+    duplicate_threshold: float = Field(default=0.98, ge=-1.0, le=1.0,
+                                       description="a cosine above this is set to 0 (a probable duplicate)")
     clamp_negative: bool = Field(default=True, description="clamp each cosine at 0 before the product")
-    block_size: int = Field(default=4096, ge=1)
-    recall_sample: int = Field(default=1000, ge=0, description="fast: queries checked against exact")
+    block_size: int = Field(default=4096, ge=1, description="exact: at most this many rows per tile")
+    recall_sample: int = Field(default=1000, ge=0, description="fast: random queries mined exactly too, to "
+                               "measure and report recall@top_k (0: not measured)")
     batch_size: int = Field(default=256, ge=1, description="embedding batch size")
+    candidates: None = Field(default=None, exclude=True, description="removed: use `probe` and `list_size`")
+    reference_size: None = Field(default=None, exclude=True, description="removed: the fast miner uses every row")
+
+    @field_validator("candidates", "reference_size", mode="before")
+    @classmethod
+    def _removed(cls, value: Any, info: Any) -> None:
+        if value is None:
+            return None
+        why = {"candidates": "the fast miner compares each row with the members of `mining.probe` lists of about "
+                             "`mining.list_size` rows; set those instead",
+               "reference_size": "the fast miner no longer samples a reference subset: every valid row is a "
+                                 "candidate, and `mining.probe` / `mining.list_size` set the cost"}[info.field_name]
+        raise ValueError(f"removed: {why}")
 
 
 class HelipSpec(_Strict):
@@ -153,10 +174,6 @@ class JobSpec(_Strict):
                 f"helip.hard_per_target ({self.helip.hard_per_target}) must be at most helip.sample_from "
                 f"({self.helip.sample_from})"
             )
-        if self.mining.candidates is not None and self.mining.candidates < self.mining.top_k:
-            raise ValueError(
-                f"mining.candidates ({self.mining.candidates}) must be at least mining.top_k ({self.mining.top_k})"
-            )
         names = [e.name for e in (*self.eval.zeroshot, *self.eval.retrieval, *self.eval.linear_probe)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -166,7 +183,7 @@ class JobSpec(_Strict):
 
 # Which field a cross-field message is about: the first field named in it.
 _CROSS_FIELD_PARAMS = (
-    "train.batch_size", "mining.top_k", "helip.hard_per_target", "mining.candidates", "eval",
+    "train.batch_size", "mining.top_k", "helip.hard_per_target", "eval",
 )
 
 

@@ -1,75 +1,151 @@
-"""Exact hard pair mining: every valid row's top_k by cos_t * cos_v, blocked over queries."""
+"""Exact hard pair mining: every valid row's top_k by HELIP's filtered cos_t * cos_v, never an N x N matrix.
+
+How (issue 11): the score is symmetric, so each tile of pairs (rows i < j) is computed once and
+serves both rows. A cheap candidate pass first gives every row a lower bound of its k-th score
+(rows grouped by k-means on [t; v], each against a window of its group: the k-th best exact score
+among any valid candidates is a valid bound); a tile then emits only the pairs at or above the
+bound of their row (core.mining.select), bounds rise as the kept lists fill, and one final sort on
+the device applies the tie rule (score descending, lower index first). On CUDA with Triton the two
+products, the filters, the clamp, the product and the threshold test are one kernel per tile
+(core.mining.exact_triton), so no [rows, N] block is ever written; elsewhere the same steps run
+as torch operations on tiles small enough to stay in cache.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 
 import numpy as np
 import torch
 
-from core import chunked_topk
-from core.mining.scores import (MinedPairs, Progress, _block_scores, _check_top_k, _filter_scores, _finish_rows,
-                                _prepare, _run_block_scores, _topk_lowest_index)
+from core.mining.cluster import default_lists, kmeans
+from core.mining.scores import (Filters, MinedPairs, Progress, _check_top_k, _prepare, _topk_lowest_index, dup_count,
+                                tile_scores)
+from core.mining.select import LOWEST, TopK
+
+log = logging.getLogger(__name__)
+
+# Tile shapes: CPU tiles stay in cache; GPU tiles are large enough to fill the device.
+CPU_TILE = (256, 1024)
+GPU_TILE = (8192, 65536)
 
 
-def _rows_per_block(block_size: int, n: int, dev: torch.device, dtype: torch.dtype) -> int:
-    """block_size is an upper bound: a block also has to fit the memory at hand ([rows, N] temporaries)."""
-    esize = torch.finfo(dtype).bits // 8
-    per_row = n * (2 * esize + 24)  # two cosine blocks, fp32 scores, topk workspace, tie keys and masks
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        budget = free // 2
-    else:
-        budget = 2 * 1024**3
-    return int(max(1, min(block_size, budget // max(per_row, 1))))
+def score_tolerance(dtype: torch.dtype) -> float:
+    """How far two computations of one pair's score (different tilings of the products) may differ."""
+    return 16 * torch.finfo(dtype).eps
 
 
-def _exact_rows(t: torch.Tensor, v: torch.Tensor, queries: np.ndarray, col_valid: torch.Tensor, *, top_k: int,
-                rows: int, same_thr: float, dup_thr: float, clamp: bool, progress: Progress,
-                counts: dict[str, int], chunk: int | None = None,
-                force_chunks: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top_k for the given query rows against all valid columns, `rows` queries at a time."""
-    dev = t.device
-    out_idx = np.full((len(queries), top_k), -1, dtype=np.int64)
-    out_val = np.full((len(queries), top_k), np.nan, dtype=np.float32)
-    n_same = torch.zeros((), dtype=torch.int64, device=dev)
-    n_dup = torch.zeros((), dtype=torch.int64, device=dev)
+def candidate_bounds(t: torch.Tensor, v: torch.Tensor, k: int, f: Filters, *, window: int,
+                     rows: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Per row a lower bound of its k-th best score: the k-th best among `window` rows of its k-means
+    neighbourhood (rows sorted by cluster), minus the score tolerance of the dtype; LOWEST if the window
+    holds fewer than k valid candidates."""
     n = t.shape[0]
-    chunk = chunk or chunked_topk.CHUNK
-    use_chunks = force_chunks or chunked_topk.worthwhile(n, top_k, chunk)
-    for start in range(0, len(queries), rows):
-        q = torch.from_numpy(queries[start:start + rows]).to(dev)
-        ct = t[q] @ t.T
-        cv = v[q] @ v.T
-        if use_chunks:
-            cm, same, dup = chunked_topk.run_chunk_maxima(dev, _block_scores, ct, cv, col_valid, q, same_thr,
-                                                          dup_thr, clamp, chunk)
-            vals, idx, redo = chunked_topk.select(cm, ct, cv, col_valid, q, top_k=top_k, chunk=chunk,
-                                                  filter_fn=_filter_scores, topk_fn=_topk_lowest_index,
-                                                  same_thr=same_thr, dup_thr=dup_thr, clamp=clamp)
-            del cm
-            fix = redo.nonzero().squeeze(1)
-            if fix.numel():  # a left-out chunk may tie the k-th score: those rows the full way
-                counts["rows_redone"] = counts.get("rows_redone", 0) + int(fix.numel())
-                scores, _, _ = _run_block_scores(dev, ct[fix], cv[fix], col_valid, q[fix], same_thr, dup_thr, clamp)
-                vals[fix], idx[fix] = _topk_lowest_index(scores, top_k)
-                del scores
-            del ct, cv
+    bound = torch.full((n,), LOWEST, device=t.device)
+    window = min(window, n)
+    if window - 1 < k:
+        return bound
+    _, assign = kmeans(t, v, default_lists(n, max(1, window // 2)), iters=6, seed=seed)
+    order = torch.sort(assign, stable=True).indices
+    tol = score_tolerance(t.dtype)
+    rows = rows or max(1, window // 4)  # each query sits well inside its window
+    for a in range(0, n, rows):
+        q = order[a:a + rows]
+        lo = min(max(0, a + len(q) // 2 - window // 2), n - window)
+        c = order[lo:lo + window]
+        s, _, _ = tile_scores(t[q] @ t[c].T, v[q] @ v[c].T, f)
+        s.masked_fill_(q[:, None] == c[None, :], -math.inf)
+        kth = torch.topk(s, k, dim=1, sorted=True).values[:, k - 1]
+        bound[q] = torch.where(torch.isfinite(kth), kth - tol, torch.full_like(kth, LOWEST))
+    return bound
+
+
+def _emit(sel: TopK, p: torch.Tensor, ct: torch.Tensor, cv: torch.Tensor, f: Filters, a: int, c0: int,
+          diag: bool, counts: list) -> None:
+    """Pairs of a tile (rows a.., columns c0..) at or above their row's bound, in both directions.
+
+    A filtered score is cos_t * cos_v, 0 or -inf, so against a positive bound only pairs whose plain
+    product p passes can pass: p is compared with the bounds and the filters applied to those few
+    pairs. Rows (or columns) whose bound is not positive yet get their filtered scores in full.
+    """
+    for side in (0, 1):
+        thr = sel.threshold[a:a + p.shape[0]] if side == 0 else sel.threshold[c0:c0 + p.shape[1]]
+        pos = thr > 0
+        sparse_thr = torch.where(pos, thr, math.inf)
+        hit = (p >= (sparse_thr[:, None] if side == 0 else sparse_thr[None, :])).nonzero()
+        i, j = hit[:, 0], hit[:, 1]
+        s, _, _ = tile_scores(ct[i, j], cv[i, j], f)
+        keep = s >= thr[i if side == 0 else j]
+        i, j, s = i[keep], j[keep], s[keep]
+        lines = (~pos).nonzero().squeeze(1)
+        if lines.numel():
+            counts[2] += int(lines.numel())
+            if side == 0:
+                sub, _, _ = tile_scores(ct[lines], cv[lines], f)
+                h = (sub >= thr[lines][:, None]).nonzero()
+                di, dj = lines[h[:, 0]], h[:, 1]
+            else:
+                sub, _, _ = tile_scores(ct[:, lines], cv[:, lines], f)
+                h = (sub >= thr[lines][None, :]).nonzero()
+                di, dj = h[:, 0], lines[h[:, 1]]
+            i, j, s = torch.cat([i, di]), torch.cat([j, dj]), torch.cat([s, sub[h[:, 0], h[:, 1]]])
+        if diag:  # the tile holds the diagonal: only pairs j > i (each unordered pair once)
+            upper = j + c0 > i + a
+            i, j, s = i[upper], j[upper], s[upper]
+        if side == 0:
+            sel.add(i + a, j + c0, s)
         else:
-            scores, same, dup = _run_block_scores(dev, ct, cv, col_valid, q, same_thr, dup_thr, clamp)
-            del ct, cv
-            vals, idx = _topk_lowest_index(scores, top_k)
-            del scores
-        n_same += same
-        n_dup += dup
-        vals_np, idx_np = _finish_rows(vals.float().cpu().numpy(), idx.cpu().numpy(), top_k)
-        out_val[start:start + len(q)] = vals_np
-        out_idx[start:start + len(q)] = idx_np
-        if progress is not None:
-            progress(min(start + rows, len(queries)), len(queries))
-    counts["same_caption_filtered"] = counts.get("same_caption_filtered", 0) + int(n_same)
-    counts["duplicate_filtered"] = counts.get("duplicate_filtered", 0) + int(n_dup)
-    return out_val, out_idx
+            sel.add(j + c0, i + a, s)
+
+
+def _count(ct: torch.Tensor, cv: torch.Tensor, f: Filters, a: int, c0: int, diag: bool, counts: list) -> None:
+    """Same-caption and duplicate counts of a tile. When same >= dup (always, with the defaults) every
+    same-caption pair also has a cosine above the duplicate threshold: only those few pairs are looked at."""
+    if f.same >= f.dup:
+        high = torch.maximum(ct, cv) > f.dup
+        if not int(torch.count_nonzero(high)):
+            return
+        hit = high.nonzero()
+    else:
+        hit = ((ct > f.same) | (ct > f.dup) | (cv > f.dup)).nonzero()
+    if diag:
+        hit = hit[hit[:, 1] + c0 > hit[:, 0] + a]
+    _, same, dup = tile_scores(ct[hit[:, 0], hit[:, 1]], cv[hit[:, 0], hit[:, 1]], f)
+    counts[0] += int(torch.count_nonzero(same))
+    counts[1] += int(dup_count(same, dup, f))
+
+
+def _stripe_torch(t: torch.Tensor, v: torch.Tensor, a: int, b: int, f: Filters, sel: TopK, cols: int,
+                  counts: list) -> None:
+    """Rows [a, b) against every column j > i, `cols` columns a tile, in torch operations."""
+    n = t.shape[0]
+    tq, vq = t[a:b], v[a:b]
+    for c0 in range(a, n, cols):
+        c1 = min(n, c0 + cols)
+        ct, cv = tq @ t[c0:c1].T, vq @ v[c0:c1].T
+        diag = c0 < b
+        _count(ct, cv, f, a, c0, diag, counts)
+        _emit(sel, ct.float() * cv.float(), ct, cv, f, a, c0, diag, counts)
+        counts[3] += 1
+
+
+def _tile_shape(block_size: int, n: int, dev: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    rows, cols = GPU_TILE if dev.type == "cuda" else CPU_TILE
+    rows = max(1, min(block_size, rows))
+    if dev.type == "cuda":  # a tile's temporaries (~16 bytes a pair in torch) within a quarter of free memory
+        free, _ = torch.cuda.mem_get_info(dev)
+        cols = int(max(1024, min(cols, free // 4 // (16 * rows))))
+    return rows, max(1, min(cols, n))
+
+
+def _use_triton(dev: torch.device, kernel: str) -> bool:
+    if kernel == "torch" or dev.type != "cuda":
+        return False
+    from core.mining import exact_triton
+
+    return exact_triton.available()
 
 
 def mine_exact(
@@ -84,39 +160,87 @@ def mine_exact(
     clamp_negative: bool = True,
     device: str | torch.device = "cpu",
     progress: Progress = None,
-    chunk: int | None = None,
-    force_chunks: bool = False,
+    kernel: str = "auto",
+    window: int | None = None,
+    seed: int = 0,
+    tile_cols: int | None = None,
 ) -> MinedPairs:
-    """Exact top_k hard pairs of every valid row, blocked over queries (never an N x N matrix).
+    """Exact top_k hard pairs of every valid row (score descending, lower row index first on ties).
 
-    For large N the selection goes through chunk maxima (core.chunked_topk); `chunk` and
-    `force_chunks` exist for tests, which compare both selections.
-
+    block_size bounds the rows of a tile. kernel: "auto" (Triton on CUDA when available), "torch" or
+    "triton". window: rows of the candidate pass per query (default from N and top_k); tile_cols
+    (tests) overrides the columns of a tile.
     Report counts are over all ordered (query, candidate) pairs of valid rows, the pair itself excluded:
     same_caption_filtered (dropped), duplicate_filtered (a cosine zeroed), self_skipped (one per query).
     """
     _check_top_k(top_k)
     t0 = time.perf_counter()
     t, v, valid_np, dev = _prepare(text, image, valid, device)
-    n = t.shape[0]
-    queries = np.flatnonzero(valid_np).astype(np.int64)
-    col_valid = torch.from_numpy(valid_np).to(dev)
-    rows = _rows_per_block(block_size, n, dev, t.dtype)
-    counts: dict[str, int] = {}
-    neighbors = np.full((n, top_k), -1, dtype=np.int64)
-    scores = np.full((n, top_k), np.nan, dtype=np.float32)
+    n_all = t.shape[0]
+    f = Filters(same_caption_threshold, duplicate_threshold, clamp_negative)
+    rows_of = torch.from_numpy(np.flatnonzero(valid_np)).to(dev)
+    nv = int(rows_of.numel())
+    neighbors = np.full((n_all, top_k), -1, dtype=np.int64)
+    scores = np.full((n_all, top_k), np.nan, dtype=np.float32)
+    rows, cols = _tile_shape(block_size, max(nv, 1), dev, t.dtype)
+    cols = tile_cols or cols
+    triton = _use_triton(dev, kernel) or kernel == "triton"
+    report: dict = {"method": "exact", "rows": n_all, "valid_rows": nv, "top_k": top_k, "block_rows": rows,
+                    "tile_cols": cols, "kernel": "triton" if triton else "torch", "counted_over": "all_pairs"}
+    # same-caption pairs, duplicate pairs (unordered), lines of tiles scored in full (no positive bound), tiles
+    counts = [0, 0, 0, 0]
     with torch.no_grad():
-        vals, idx = _exact_rows(t, v, queries, col_valid, top_k=top_k, rows=rows, same_thr=same_caption_threshold,
-                                dup_thr=duplicate_threshold, clamp=clamp_negative, progress=progress, counts=counts,
-                                chunk=chunk, force_chunks=force_chunks)
-    neighbors[queries] = idx
-    scores[queries] = vals
-    report = {
-        "method": "exact", "rows": n, "valid_rows": len(queries), "top_k": top_k, "block_rows": rows,
-        "counted_over": "all_pairs", **counts, "self_skipped": len(queries),
-        "short_lists": int((idx[:, -1] == -1).sum()) if len(queries) else 0,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+        if nv < n_all:
+            t, v = t[rows_of], v[rows_of]  # only valid rows take part; their order (the tie rule) is kept
+        w = window or max(4 * top_k, min(4096, nv // 16))
+        bound = candidate_bounds(t, v, top_k, f, window=w, seed=seed) if nv else None
+        sel = TopK(nv, top_k, dev, bound=bound)
+        report["bounded_rows"] = int((bound > 0).sum()) if nv else 0  # rows with a positive bound from the start
+        total = nv * (nv - 1) // 2
+        done = 0
+        for a in range(0, nv, rows):
+            b = min(nv, a + rows)
+            if triton:
+                from core.mining import exact_triton
+
+                exact_triton.stripe(t, v, a, b, f, sel, counts)
+            else:
+                _stripe_torch(t, v, a, b, f, sel, cols, counts)
+            done += (b - a) * (nv - a) - (b - a) * (b - a + 1) // 2
+            if progress is not None:
+                progress(round(nv * done / total) if total else nv, nv)
+        if nv:
+            idx, val = sel.result()
+            idx = torch.where(idx >= 0, rows_of[idx.clamp_min(0)], -1)
+            neighbors[rows_of.cpu().numpy()] = idx.cpu().numpy()
+            scores[rows_of.cpu().numpy()] = val.cpu().numpy()
+    report.update(
+        same_caption_filtered=2 * counts[0], duplicate_filtered=2 * counts[1], self_skipped=nv,
+        short_lists=int((neighbors[valid_np, -1] == -1).sum()), candidate_window=min(w, nv) if nv else 0,
+        emitted=sel.emitted if nv else 0, dense_lines=counts[2], tiles=counts[3], seconds=round(time.perf_counter() - t0, 3))
     return MinedPairs(neighbors=neighbors, scores=scores, report=report, valid=valid_np)
 
+
+def exact_rows(t: torch.Tensor, v: torch.Tensor, queries: torch.Tensor, k: int, f: Filters, *,
+               col_valid: torch.Tensor | None = None, rows: int = 256, cols: int = 65536) -> torch.Tensor:
+    """Exact top-k columns [Q, k] (-1 pads) of some query rows against all rows: the fast miner's recall
+    yardstick. Same score and tie rule as mine_exact; queries against every column, blocked."""
+    n = t.shape[0]
+    out = torch.full((len(queries), k), -1, dtype=torch.int64, device=t.device)
+    for s0 in range(0, len(queries), rows):
+        q = queries[s0:s0 + rows]
+        sel = TopK(len(q), k, t.device)
+        for c0 in range(0, n, cols):
+            c1 = min(n, c0 + cols)
+            s, _, _ = tile_scores(t[q] @ t[c0:c1].T, v[q] @ v[c0:c1].T, f)
+            s.masked_fill_(torch.arange(c0, c1, device=t.device)[None, :] == q[:, None], -math.inf)
+            if col_valid is not None:
+                s.masked_fill_(~col_valid[None, c0:c1], -math.inf)
+            kk = min(k, c1 - c0)
+            vals, pos = _topk_lowest_index(s, kk)
+            r = torch.arange(len(q), device=t.device)[:, None].expand_as(pos)
+            ok = torch.isfinite(vals)
+            sel.add(r[ok], pos[ok] + c0, vals[ok])
+        out[s0:s0 + len(q)] = sel.result()[0]
+    return out
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,8 +10,6 @@ import numpy as np
 import torch
 
 from core.errors import DataError, SpecError
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None] | None
 
@@ -32,6 +29,16 @@ class MinedPairs:
         return self.valid
 
 
+@dataclass(frozen=True)
+class Filters:
+    """HELIP's filters: a text cosine above `same` is the same caption (never hard); a cosine above `dup`
+    is set to 0 (a probable duplicate); with `clamp` each cosine is clamped at 0 before the product."""
+
+    same: float = 0.995
+    dup: float = 0.98
+    clamp: bool = True
+
+
 def _prepare(text, image, valid, device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.device]:
     dev = torch.device(device)
     t = torch.as_tensor(text)
@@ -44,6 +51,10 @@ def _prepare(text, image, valid, device) -> tuple[torch.Tensor, torch.Tensor, np
     t = t.to(device=dev, dtype=dtype).contiguous()
     v = v.to(device=dev, dtype=dtype).contiguous()
     n = t.shape[0]
+    bad = ~(torch.isfinite(t).all(dim=1) & torch.isfinite(v).all(dim=1))
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)[:5].tolist()
+        raise DataError(f"{int(bad.sum())} rows of the embeddings hold NaN or infinite values (first rows: {rows})")
     if valid is None:
         valid_np = np.ones(n, dtype=bool)
     else:
@@ -81,45 +92,6 @@ def _filter_scores(ct: torch.Tensor, cv: torch.Tensor, keep: torch.Tensor, same_
     return scores, same.sum(), dup.sum()
 
 
-def _block_scores(ct: torch.Tensor, cv: torch.Tensor, col_valid: torch.Tensor, queries: torch.Tensor,
-                  same_thr: float, dup_thr: float, clamp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact mining's block: queries (rows of the training set) against every column."""
-    cols = torch.arange(ct.shape[1], device=ct.device)
-    keep = col_valid[None, :] & (cols[None, :] != queries[:, None])
-    return _filter_scores(ct, cv, keep, same_thr, dup_thr, clamp)
-
-
-_compiled_block_scores: Callable | None = None
-_compile_failed = False
-
-
-def _block_scores_fn(dev: torch.device) -> Callable:
-    """On CUDA, the block's elementwise work fused into one kernel (torch.compile); eager elsewhere.
-
-    Eager, each of the ~10 elementwise steps reads and writes the whole [rows, N] block: at N = 3.3M
-    that memory traffic, not the matmul, would dominate.
-    """
-    global _compiled_block_scores
-    if dev.type != "cuda" or _compile_failed:
-        return _block_scores
-    if _compiled_block_scores is None:
-        _compiled_block_scores = torch.compile(_block_scores, dynamic=False)
-    return _compiled_block_scores
-
-
-def _run_block_scores(dev: torch.device, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    global _compile_failed
-    fn = _block_scores_fn(dev)
-    if fn is _block_scores:
-        return fn(*args)
-    try:
-        return fn(*args)
-    except Exception as exc:  # a missing compiler or triton must not stop mining: fall back to eager
-        log.warning("torch.compile of the mining block failed (%s); using eager kernels", exc)
-        _compile_failed = True
-        return _block_scores(*args)
-
-
 def _topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise candidates that contain the top k with equal scores ranked by lower column index.
 
@@ -151,18 +123,30 @@ def _topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return vals, idx
 
 
-def _finish_rows(vals: np.ndarray, idx: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Order each row by (score desc, index asc), keep top_k, turn -inf into -1 / NaN, pad to top_k."""
-    order = np.lexsort((idx, -vals), axis=-1)[:, :top_k]
-    vals = np.take_along_axis(vals, order, axis=1)
-    idx = np.take_along_axis(idx, order, axis=1)
-    dead = ~np.isfinite(vals)
-    idx = np.where(dead, -1, idx).astype(np.int64)
-    vals = np.where(dead, np.nan, vals).astype(np.float32)
-    if idx.shape[1] < top_k:
-        pad = top_k - idx.shape[1]
-        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
-        vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=np.nan)
-    return vals, idx
+def tile_scores(ct: torch.Tensor, cv: torch.Tensor, f: Filters) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 scores of a tile of cosines with HELIP's filters (-inf: the same caption), and two masks:
+    `same` (dropped as the same caption) and `dup` (a cosine zeroed as a probable duplicate, not same).
+
+    Few passes, in place where the input is not needed again; validity and the pair itself are the
+    caller's business (the exact miner mines the valid rows only and masks the diagonal itself).
+    """
+    same = ct > f.same
+    t_dup = ct > f.dup
+    v_dup = cv > f.dup
+    t = ct.masked_fill(t_dup, 0).float()
+    v = cv.masked_fill(v_dup, 0).float()
+    if f.clamp:
+        t.clamp_(min=0)
+        v.clamp_(min=0)
+    scores = t.mul_(v).masked_fill_(same, -math.inf)
+    dup = t_dup.logical_or_(v_dup)
+    if f.same < f.dup:  # otherwise every same-caption pair is also a text duplicate: counted apart below
+        dup.logical_and_(~same)
+    return scores, same, dup
 
 
+def dup_count(same: torch.Tensor, dup: torch.Tensor, f: Filters) -> torch.Tensor:
+    """Pairs zeroed as duplicates but not dropped as the same caption, from tile_scores' masks."""
+    if f.same < f.dup:
+        return dup.sum()
+    return dup.sum() - same.sum()
