@@ -178,10 +178,12 @@ def test_exact_known_answers_with_ties_and_duplicates(n: int, block_size: int, t
     valid = np.random.default_rng(n).random(n) > 0.05
     for filters in ({}, {"clamp_negative": False}, {"duplicate_threshold": 0.5, "same_caption_threshold": 0.75}):
         want, want_vals = brute_force(text, image, valid, top_k, **filters)
-        mined = mine_exact(text, image, top_k=top_k, valid=valid, block_size=block_size, tile_cols=tile_cols,
-                           window=3 * top_k, **filters)
-        np.testing.assert_array_equal(mined.neighbors, want)
-        np.testing.assert_array_equal(mined.scores, want_vals.astype(np.float32))  # NaN pads compare equal
+        for buffer in (None, 3 * top_k):  # one cut at the end, or many along the way
+            mined = mine_exact(text, image, top_k=top_k, valid=valid, block_size=block_size, tile_cols=tile_cols,
+                               window=3 * top_k, buffer=buffer, **filters)
+            np.testing.assert_array_equal(mined.neighbors, want)
+            np.testing.assert_array_equal(mined.scores, want_vals.astype(np.float32))  # NaN pads compare equal
+            assert buffer is None or mined.report["cuts"] >= 2
         ref = pair_scores_reference(text, image, **filters)
         both = valid[:, None] & valid[None, :] & ~np.eye(n, dtype=bool)
         assert mined.report["same_caption_filtered"] == int(((ref == -1.0) & both).sum())

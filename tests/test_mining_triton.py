@@ -26,7 +26,8 @@ text, image = _dyadic(97, seed=1)
 valid = np.random.default_rng(1).random(97) > 0.05
 for filters in ({}, {"clamp_negative": False}, {"duplicate_threshold": 0.5, "same_caption_threshold": 0.75}):
     want, want_vals = brute_force(text, image, valid, 9, **filters)
-    got = mine_exact(text, image, top_k=9, valid=valid, kernel="triton", block_size=40, window=30, **filters)
+    got = mine_exact(text, image, top_k=9, valid=valid, kernel="triton", block_size=40, window=30, buffer=40,
+                     **filters)
     ref = mine_exact(text, image, top_k=9, valid=valid, kernel="torch", block_size=40, window=30, **filters)
     assert got.report["kernel"] == "triton" and ref.report["kernel"] == "torch"
     np.testing.assert_array_equal(got.neighbors, want)

@@ -67,20 +67,25 @@ def _emit(sel: TopK, p: torch.Tensor, ct: torch.Tensor, cv: torch.Tensor, f: Fil
     """Pairs of a tile (rows a.., columns c0..) at or above their row's bound, in both directions.
 
     A filtered score is cos_t * cos_v, 0 or -inf, so against a positive bound only pairs whose plain
-    product p passes can pass: p is compared with the bounds and the filters applied to those few
-    pairs. Rows (or columns) whose bound is not positive yet get their filtered scores in full.
+    product p passes can pass: p is compared once with the lower of the two bounds and the filters are
+    applied to those few pairs. Rows (or columns) whose bound is not positive get their filtered
+    scores in full. Per row, pairs come out in increasing column order (TopK relies on it).
     """
-    for side in (0, 1):
-        thr = sel.threshold[a:a + p.shape[0]] if side == 0 else sel.threshold[c0:c0 + p.shape[1]]
-        pos = thr > 0
-        sparse_thr = torch.where(pos, thr, math.inf)
-        hit = (p >= (sparse_thr[:, None] if side == 0 else sparse_thr[None, :])).nonzero()
-        i, j = hit[:, 0], hit[:, 1]
-        s, _, _ = tile_scores(ct[i, j], cv[i, j], f)
-        keep = s >= thr[i if side == 0 else j]
-        i, j, s = i[keep], j[keep], s[keep]
+    thr_r, thr_c = sel.threshold[a:a + p.shape[0]], sel.threshold[c0:c0 + p.shape[1]]
+    pos_r, pos_c = thr_r > 0, thr_c > 0
+    sp_r, sp_c = torch.where(pos_r, thr_r, math.inf), torch.where(pos_c, thr_c, math.inf)
+    hit = (p >= torch.minimum(sp_r[:, None], sp_c[None, :])).nonzero()
+    if diag:  # the tile holds the diagonal: only pairs j > i (each unordered pair once)
+        hit = hit[hit[:, 1] + c0 > hit[:, 0] + a]
+    i, j = hit[:, 0], hit[:, 1]
+    s, _, _ = tile_scores(ct[i, j], cv[i, j], f)
+    # Columns first: in the diagonal tile a row's pairs with earlier rows must precede those with later ones.
+    for side, thr, sp, pos in ((1, thr_c, sp_c, pos_c), (0, thr_r, sp_r, pos_r)):
+        line = i if side == 0 else j
+        keep = s >= sp[line]
+        si, sj, ss = i[keep], j[keep], s[keep]
         lines = (~pos).nonzero().squeeze(1)
-        if lines.numel():
+        if lines.numel():  # no positive bound: these rows (columns) scored in full
             counts[2] += int(lines.numel())
             if side == 0:
                 sub, _, _ = tile_scores(ct[lines], cv[lines], f)
@@ -90,24 +95,26 @@ def _emit(sel: TopK, p: torch.Tensor, ct: torch.Tensor, cv: torch.Tensor, f: Fil
                 sub, _, _ = tile_scores(ct[:, lines], cv[:, lines], f)
                 h = (sub >= thr[lines][None, :]).nonzero()
                 di, dj = h[:, 0], lines[h[:, 1]]
-            i, j, s = torch.cat([i, di]), torch.cat([j, dj]), torch.cat([s, sub[h[:, 0], h[:, 1]]])
-        if diag:  # the tile holds the diagonal: only pairs j > i (each unordered pair once)
-            upper = j + c0 > i + a
-            i, j, s = i[upper], j[upper], s[upper]
+            ds = sub[h[:, 0], h[:, 1]]
+            if diag:
+                upper = dj + c0 > di + a
+                di, dj, ds = di[upper], dj[upper], ds[upper]
+            si, sj, ss = torch.cat([si, di]), torch.cat([sj, dj]), torch.cat([ss, ds])
         if side == 0:
-            sel.add(i + a, j + c0, s)
-        else:
-            sel.add(j + c0, i + a, s)
+            sel.add(si + a, sj + c0, ss)
+        else:  # column-major order: each column's pairs by increasing row
+            order = torch.sort(sj * p.shape[0] + si).indices
+            sel.add(sj[order] + c0, si[order] + a, ss[order])
 
 
 def _count(ct: torch.Tensor, cv: torch.Tensor, f: Filters, a: int, c0: int, diag: bool, counts: list) -> None:
     """Same-caption and duplicate counts of a tile. When same >= dup (always, with the defaults) every
-    same-caption pair also has a cosine above the duplicate threshold: only those few pairs are looked at."""
+    same-caption pair also has a cosine above the duplicate threshold: a tile whose largest cosines are
+    below it has none, else only its few pairs above it are looked at."""
     if f.same >= f.dup:
-        high = torch.maximum(ct, cv) > f.dup
-        if not int(torch.count_nonzero(high)):
+        if max(float(ct.max()), float(cv.max())) <= f.dup:
             return
-        hit = high.nonzero()
+        hit = (torch.maximum(ct, cv) > f.dup).nonzero()
     else:
         hit = ((ct > f.same) | (ct > f.dup) | (cv > f.dup)).nonzero()
     if diag:
@@ -164,12 +171,13 @@ def mine_exact(
     window: int | None = None,
     seed: int = 0,
     tile_cols: int | None = None,
+    buffer: int | None = None,
 ) -> MinedPairs:
     """Exact top_k hard pairs of every valid row (score descending, lower row index first on ties).
 
     block_size bounds the rows of a tile. kernel: "auto" (Triton on CUDA when available), "torch" or
     "triton". window: rows of the candidate pass per query (default from N and top_k); tile_cols
-    (tests) overrides the columns of a tile.
+    (tests) overrides the columns of a tile, buffer (tests) the pairs held before a cut.
     Report counts are over all ordered (query, candidate) pairs of valid rows, the pair itself excluded:
     same_caption_filtered (dropped), duplicate_filtered (a cosine zeroed), self_skipped (one per query).
     """
@@ -194,7 +202,7 @@ def mine_exact(
             t, v = t[rows_of], v[rows_of]  # only valid rows take part; their order (the tie rule) is kept
         w = window or max(4 * top_k, min(4096, nv // 16))
         bound = candidate_bounds(t, v, top_k, f, window=w, seed=seed) if nv else None
-        sel = TopK(nv, top_k, dev, bound=bound)
+        sel = TopK(nv, top_k, dev, bound=bound, col_ordered=not triton, buffer=buffer)
         report["bounded_rows"] = int((bound > 0).sum()) if nv else 0  # rows with a positive bound from the start
         total = nv * (nv - 1) // 2
         done = 0
@@ -217,7 +225,7 @@ def mine_exact(
     report.update(
         same_caption_filtered=2 * counts[0], duplicate_filtered=2 * counts[1], self_skipped=nv,
         short_lists=int((neighbors[valid_np, -1] == -1).sum()), candidate_window=min(w, nv) if nv else 0,
-        emitted=sel.emitted if nv else 0, dense_lines=counts[2], tiles=counts[3], seconds=round(time.perf_counter() - t0, 3))
+        emitted=sel.emitted if nv else 0, cuts=sel.cuts if nv else 0, dense_lines=counts[2], tiles=counts[3], seconds=round(time.perf_counter() - t0, 3))
     return MinedPairs(neighbors=neighbors, scores=scores, report=report, valid=valid_np)
 
 

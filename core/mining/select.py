@@ -22,8 +22,12 @@ def ordered_key(rows: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return rows.to(torch.int64) * 2**32 + desc
 
 
-def sort_triples(rows: torch.Tensor, cols: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """The permutation that orders triples by (row asc, score desc, column asc): two stable sorts."""
+def sort_triples(rows: torch.Tensor, cols: torch.Tensor, scores: torch.Tensor, *,
+                 col_ordered: bool = False) -> torch.Tensor:
+    """The permutation that orders triples by (row asc, score desc, column asc): two stable sorts, or
+    one when each row's triples already come in increasing column order (`col_ordered`)."""
+    if col_ordered:
+        return torch.sort(ordered_key(rows, scores), stable=True).indices
     by_col = torch.sort(cols, stable=True).indices
     key = ordered_key(rows[by_col], scores[by_col])
     return by_col[torch.sort(key, stable=True).indices]
@@ -40,8 +44,11 @@ class TopK:
     """Each row's k best (score, column) pairs over everything `add`ed, with per-row thresholds."""
 
     def __init__(self, n: int, k: int, device: torch.device, *, bound: torch.Tensor | None = None,
-                 buffer: int | None = None):
+                 buffer: int | None = None, col_ordered: bool = False):
+        """col_ordered: the caller promises that, per row, every `add` brings columns larger than all
+        earlier ones for that row, in increasing order (then one sort suffices)."""
         self.n, self.k, self.device = n, k, device
+        self.col_ordered = col_ordered
         self.threshold = bound.float().clone() if bound is not None else torch.full((n,), LOWEST, device=device)
         self.buffer = buffer or max(4 * n * k, 1 << 20)
         self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -66,7 +73,7 @@ class TopK:
         if self.cuts and not self.pending:
             return
         rows, cols, scores = (torch.cat(x) for x in zip(*self.parts))
-        order = sort_triples(rows, cols, scores)
+        order = sort_triples(rows, cols, scores, col_ordered=self.col_ordered)
         rows, cols, scores = rows[order], cols[order], scores[order]
         keep = rank_in_row(rows, self.n) < self.k
         rows, cols, scores = rows[keep], cols[keep], scores[keep]
