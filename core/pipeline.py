@@ -21,7 +21,8 @@ from core.embed import embed_pairs, load_embeddings, save_embeddings
 from core.errors import DataError, SpecError
 from core.evaluate import evaluate
 from core.io import Access
-from core.mining import MinedPairs, mine_exact, mine_fast, read_hard_pairs, write_hard_pairs
+from core.mining import MinedPairs, read_hard_pairs, write_hard_pairs
+from core.mining.embeddings import mine_arrays
 from core.models import LoadedModel, load_model, model_from_spec
 from core.progress import Reporter
 from core.spec import JobSpec, resolve_spec
@@ -86,15 +87,8 @@ def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: 
 
 def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray, device,
           reporter: Reporter) -> MinedPairs:
-    m = spec.mining
-    kw = dict(top_k=m.top_k, valid=valid, same_caption_threshold=m.same_caption_threshold,
-              duplicate_threshold=m.duplicate_threshold, clamp_negative=m.clamp_negative, device=device,
-              progress=lambda done, total: reporter.progress("mining", done, total))
-    t, v = torch.from_numpy(text), torch.from_numpy(image)
-    if m.method == "exact":
-        return mine_exact(t, v, block_size=m.block_size, **kw)
-    return mine_fast(t, v, list_size=m.list_size, probe=m.probe, recall_sample=m.recall_sample,
-                     seed=spec.train.seed, **kw)
+    return mine_arrays(text, image, spec.mining, valid=valid, device=device, seed=spec.train.seed,
+                       progress=lambda done, total: reporter.progress("mining", done, total))
 
 
 def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, device, workdir: Path,
