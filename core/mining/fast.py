@@ -24,7 +24,7 @@ from core.mining.scores import Filters, MinedPairs, Progress, _check_top_k, _pre
 from core.mining.select import sort_triples
 
 LIST_SIZE = 256  # rows per inverted list (k-means cluster)
-PROBE = 32  # lists each list is joined with (itself included)
+PROBE = 12  # lists each list is joined with (itself included)
 
 
 def _rank(vals: torch.Tensor, cols: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +93,8 @@ def mine_fast(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Progress = None,
-    kmeans_iters: int = 10,
+    kmeans_iters: int = 8,
+    kmeans_sample: int = 32,
 ) -> MinedPairs:
     """Approximate top_k hard pairs by the inverted-file self-join (see the module's docstring).
 
@@ -122,7 +123,7 @@ def mine_fast(
         probe_used = min(probe, lists)
         if nv:
             t1 = time.perf_counter()
-            centroids, assign = kmeans(t, v, lists, iters=kmeans_iters, seed=seed)
+            centroids, assign = kmeans(t, v, lists, iters=kmeans_iters, sample=kmeans_sample, seed=seed)
             report["kmeans_seconds"] = round(time.perf_counter() - t1, 3)
             near = torch.topk(centroids @ centroids.T, probe_used, dim=1).indices
             idx, val = _join(t, v, assign, near, top_k, f, progress, counts)
