@@ -188,8 +188,6 @@ def mine_exact(
     f = Filters(same_caption_threshold, duplicate_threshold, clamp_negative)
     rows_of = torch.from_numpy(np.flatnonzero(valid_np)).to(dev)
     nv = int(rows_of.numel())
-    neighbors = np.full((n_all, top_k), -1, dtype=np.int64)
-    scores = np.full((n_all, top_k), np.nan, dtype=np.float32)
     rows, cols = _tile_shape(block_size, max(nv, 1), dev, t.dtype)
     cols = tile_cols or cols
     triton = _use_triton(dev, kernel) or kernel == "triton"
@@ -197,35 +195,39 @@ def mine_exact(
                     "tile_cols": cols, "kernel": "triton" if triton else "torch", "counted_over": "all_pairs"}
     # same-caption pairs, duplicate pairs (unordered), lines of tiles scored in full (no positive bound), tiles
     counts = [0, 0, 0, 0]
+    idx = val = None
     with torch.no_grad():
         if nv < n_all:
             t, v = t[rows_of], v[rows_of]  # only valid rows take part; their order (the tie rule) is kept
-        w = window or max(4 * top_k, min(4096, nv // 16))
-        bound = candidate_bounds(t, v, top_k, f, window=w, seed=seed) if nv else None
-        sel = TopK(nv, top_k, dev, bound=bound, col_ordered=not triton, buffer=buffer)
-        report["bounded_rows"] = int((bound > 0).sum()) if nv else 0  # rows with a positive bound from the start
-        total = nv * (nv - 1) // 2
-        done = 0
-        for a in range(0, nv, rows):
-            b = min(nv, a + rows)
-            if triton:
-                from core.mining import exact_triton
-
-                exact_triton.stripe(t, v, a, b, f, sel, counts)
-            else:
-                _stripe_torch(t, v, a, b, f, sel, cols, counts)
-            done += (b - a) * (nv - a) - (b - a) * (b - a + 1) // 2
-            if progress is not None:
-                progress(round(nv * done / total) if total else nv, nv)
         if nv:
+            w = window or max(4 * top_k, min(4096, nv // 16))
+            bound = candidate_bounds(t, v, top_k, f, window=w, seed=seed)
+            sel = TopK(nv, top_k, dev, bound=bound, col_ordered=not triton, buffer=buffer)
+            report.update(candidate_window=min(w, nv), bounded_rows=int((bound > 0).sum()))
+            total, done = nv * (nv - 1) // 2, 0
+            for a in range(0, nv, rows):
+                b = min(nv, a + rows)
+                if triton:
+                    from core.mining import exact_triton
+
+                    exact_triton.stripe(t, v, a, b, f, sel, counts)
+                else:
+                    _stripe_torch(t, v, a, b, f, sel, cols, counts)
+                done += (b - a) * (nv - a) - (b - a) * (b - a + 1) // 2
+                if progress is not None:
+                    progress(round(nv * done / total) if total else nv, nv)
             idx, val = sel.result()
-            idx = torch.where(idx >= 0, rows_of[idx.clamp_min(0)], -1)
+            report.update(emitted=sel.emitted, cuts=sel.cuts, dense_lines=counts[2], tiles=counts[3])
+        neighbors = np.full((n_all, top_k), -1, dtype=np.int64)
+        scores = np.full((n_all, top_k), np.nan, dtype=np.float32)
+        if idx is not None:
+            idx = torch.where(idx >= 0, rows_of[idx.clamp_min(0)], -1)  # back to the caller's row numbers
             neighbors[rows_of.cpu().numpy()] = idx.cpu().numpy()
             scores[rows_of.cpu().numpy()] = val.cpu().numpy()
-    report.update(
-        same_caption_filtered=2 * counts[0], duplicate_filtered=2 * counts[1], self_skipped=nv,
-        short_lists=int((neighbors[valid_np, -1] == -1).sum()), candidate_window=min(w, nv) if nv else 0,
-        emitted=sel.emitted if nv else 0, cuts=sel.cuts if nv else 0, dense_lines=counts[2], tiles=counts[3], seconds=round(time.perf_counter() - t0, 3))
+    if progress is not None and not nv:
+        progress(0, 0)
+    report.update(same_caption_filtered=2 * counts[0], duplicate_filtered=2 * counts[1], self_skipped=nv,
+                  short_lists=int((neighbors[valid_np, -1] == -1).sum()), seconds=round(time.perf_counter() - t0, 3))
     return MinedPairs(neighbors=neighbors, scores=scores, report=report, valid=valid_np)
 
 

@@ -28,7 +28,7 @@ if triton is not None:
     @triton.jit
     def _emit(hit, rows, cols, s, counter, out_rows, out_cols, out_vals, cap, BM: tl.constexpr, BN: tl.constexpr):
         """Append the tile's passing pairs: one atomic reserves their slots, a prefix sum places them."""
-        flat = tl.reshape(hit.to(tl.int32), [BM * BN])
+        flat = tl.reshape(hit, [BM * BN])
         total = tl.sum(flat, axis=0)
         if total > 0:
             base = tl.atomic_add(counter, total)
@@ -44,8 +44,8 @@ if triton is not None:
     def _tile_kernel(T, V, thr, n, d, a, b, counter, counts, out_rows, out_cols, out_vals, cap,
                      same_thr, dup_thr, CLAMP: tl.constexpr, IEEE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid_n = tl.program_id(0)  # columns on the axis without CUDA's 65,535 limit
+        pid_m = tl.program_id(1)
         r0 = a + pid_m * BM
         c0 = a + pid_n * BN
         if c0 + BN - 1 > r0:  # a tile wholly on or below the diagonal holds no pair j > i
@@ -85,11 +85,11 @@ if triton is not None:
             tl.atomic_add(counts + 1, tl.sum(tl.sum((keep & (t_dup | v_dup)).to(tl.int64), axis=1), axis=0))
             thr_r = tl.load(thr + rows, mask=rmask, other=float("inf"))
             thr_c = tl.load(thr + cols, mask=cmask, other=float("inf"))
-            _emit(keep & (s >= thr_r[:, None]), rows, cols, s, counter, out_rows, out_cols, out_vals, cap, BM, BN)
+            hit_r = (keep & (s >= thr_r[:, None])).to(tl.int32)
+            hit_c = (keep & (s >= thr_c[None, :])).to(tl.int32)
+            _emit(hit_r, rows, cols, s, counter, out_rows, out_cols, out_vals, cap, BM, BN)
             # the same pairs for the column's row: (j, i), its score identical by construction
-            s_t = tl.trans(s)
-            _emit(tl.trans(keep & (s >= thr_c[None, :])), cols, rows, s_t, counter, out_rows, out_cols, out_vals,
-                  cap, BN, BM)
+            _emit(tl.trans(hit_c), cols, rows, tl.trans(s), counter, out_rows, out_cols, out_vals, cap, BN, BM)
 
 
 def stripe(t: torch.Tensor, v: torch.Tensor, a: int, b: int, f: Filters, sel: TopK, counts: list) -> None:
@@ -97,7 +97,7 @@ def stripe(t: torch.Tensor, v: torch.Tensor, a: int, b: int, f: Filters, sel: To
     n, d = t.shape
     dev = t.device
     cap = max(1 << 16, 4 * (b - a) * sel.k)
-    grid = (triton.cdiv(b - a, BM), triton.cdiv(n - a, BN))
+    grid = (triton.cdiv(n - a, BN), triton.cdiv(b - a, BM))
     while True:
         counter = torch.zeros(1, dtype=torch.int64, device=dev)
         tile_counts = torch.zeros(2, dtype=torch.int64, device=dev)
