@@ -50,7 +50,9 @@ class TopK:
         self.n, self.k, self.device = n, k, device
         self.col_ordered = col_ordered
         self.threshold = bound.float().clone() if bound is not None else torch.full((n,), LOWEST, device=device)
-        self.buffer = buffer or max(4 * n * k, 1 << 20)
+        # Pairs held before a cut: as many as the kept lists, so memory stays near 2 n k pairs (12 bytes each).
+        self.buffer = buffer or max(n * k, 1 << 20)
+        self.index_dtype = torch.int32 if n < 2**31 else torch.int64
         self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.pending = 0
         self.emitted = 0
@@ -59,7 +61,7 @@ class TopK:
     def add(self, rows: torch.Tensor, cols: torch.Tensor, scores: torch.Tensor) -> None:
         if rows.numel() == 0:
             return
-        self.parts.append((rows.to(torch.int64), cols.to(torch.int64), scores.float()))
+        self.parts.append((rows.to(self.index_dtype), cols.to(self.index_dtype), scores.float()))
         self.pending += rows.numel()
         self.emitted += rows.numel()
         if self.pending > self.buffer:
@@ -68,13 +70,15 @@ class TopK:
     def cut(self) -> None:
         """Keep each row's k best, then raise the thresholds of the rows that hold k."""
         if not self.parts:
-            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            empty = torch.zeros(0, dtype=self.index_dtype, device=self.device)
             self.parts = [(empty, empty, torch.zeros(0, device=self.device))]
         if self.cuts and not self.pending:
             return
         rows, cols, scores = (torch.cat(x) for x in zip(*self.parts))
+        self.parts = []
         order = sort_triples(rows, cols, scores, col_ordered=self.col_ordered)
         rows, cols, scores = rows[order], cols[order], scores[order]
+        del order
         keep = rank_in_row(rows, self.n) < self.k
         rows, cols, scores = rows[keep], cols[keep], scores[keep]
         self.parts = [(rows, cols, scores)]
@@ -90,6 +94,6 @@ class TopK:
         pos = rank_in_row(rows, self.n)
         idx = torch.full((self.n, self.k), -1, dtype=torch.int64, device=self.device)
         val = torch.full((self.n, self.k), float("nan"), dtype=torch.float32, device=self.device)
-        idx[rows, pos] = cols
-        val[rows, pos] = scores
+        idx[rows.long(), pos] = cols.long()
+        val[rows.long(), pos] = scores
         return idx, val
