@@ -20,7 +20,8 @@ import torch
 from core.errors import SpecError
 from core.mining.cluster import default_lists, kmeans
 from core.mining.exact import exact_rows
-from core.mining.scores import Filters, MinedPairs, Progress, _check_top_k, _prepare, _topk_lowest_index, tile_scores
+from core.mining.scores import (Filters, MinedPairs, Progress, _check_top_k, _prepare, _topk_lowest_index, dup_count,
+                                tile_scores)
 from core.mining.select import sort_triples
 
 LIST_SIZE = 256  # rows per inverted list (k-means cluster)
@@ -43,6 +44,37 @@ def recall_at_k(got: np.ndarray, want: np.ndarray) -> tuple[float, int]:
     return (float((hit.sum(axis=1)[ok] / size[ok]).mean()) if ok.any() else 0.0), int(ok.sum())
 
 
+def _scores(ct: torch.Tensor, cv: torch.Tensor, q: torch.Tensor, cand: torch.Tensor, f: Filters,
+            counts: list[int]) -> torch.Tensor:
+    """Filtered fp32 scores of a list's rows (q) against its candidates (sorted), the rows themselves -inf.
+
+    A filter changes a score only where a cosine is above min(same, dup): those few pairs get the
+    filtered score; everywhere else it is the (clamped) plain product, formed in place. Their
+    filter counts (self excluded) go to `counts`.
+    """
+    low = min(f.same, f.dup)
+    if max(float(ct.max()), float(cv.max())) > low:
+        hit = (torch.maximum(ct, cv) > low).nonzero()
+        hit = hit[cand[hit[:, 1]] != q[hit[:, 0]]]
+        hs, same, dup = tile_scores(ct[hit[:, 0], hit[:, 1]], cv[hit[:, 0], hit[:, 1]], f)
+        counts[0] += int(torch.count_nonzero(same))
+        counts[1] += int(dup_count(same, dup, f))
+    else:
+        hit, hs = None, None
+    s = ct.float() if ct.dtype != torch.float32 else ct
+    v = cv.float() if cv.dtype != torch.float32 else cv
+    if f.clamp:
+        s = s.clamp_(min=0)
+        v = v.clamp_(min=0)
+    s = s.mul_(v)
+    if hit is not None:
+        s[hit[:, 0], hit[:, 1]] = hs
+    pos = torch.searchsorted(cand, q).clamp_max(cand.numel() - 1)  # each row's own position, if a candidate
+    mine = cand[pos] == q
+    s[torch.arange(q.numel(), device=s.device)[mine], pos[mine]] = -math.inf
+    return s
+
+
 def _join(t: torch.Tensor, v: torch.Tensor, assign: torch.Tensor, near: torch.Tensor, k: int, f: Filters,
           progress: Progress, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's k best among the members of its list's probed lists: [n, k] columns and scores."""
@@ -61,11 +93,7 @@ def _join(t: torch.Tensor, v: torch.Tensor, assign: torch.Tensor, near: torch.Te
             continue
         q = order[starts[c]:starts[c] + size]
         cand = torch.cat([order[starts[m]:starts[m] + sizes_l[m]] for m in near_l[c]]).sort().values
-        s, same, dup = tile_scores(t[q] @ t[cand].T, v[q] @ v[cand].T, f)
-        is_self = cand[None, :] == q[:, None]
-        counts[0] += int(same.sum()) - int((same & is_self).sum())
-        counts[1] += int((dup & ~is_self).sum()) - (int(((same & dup) & ~is_self).sum()) if f.same >= f.dup else 0)
-        s.masked_fill_(is_self, -math.inf)
+        s = _scores(t[q] @ t[cand].T, v[q] @ v[cand].T, q, cand, f, counts)
         kk = min(k, cand.numel())
         vals, pos = _topk_lowest_index(s, kk)  # candidates sorted by row: lower position = lower row
         vals, cols = _rank(vals, cand[pos], kk)
