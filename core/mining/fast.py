@@ -24,8 +24,8 @@ from core.mining.scores import (Filters, MinedPairs, Progress, _check_top_k, _pr
                                 tile_scores)
 from core.mining.select import sort_triples
 
-LIST_SIZE = 256  # rows per inverted list (k-means cluster)
-PROBE = 12  # lists each list is joined with (itself included)
+LIST_SIZE = 512  # rows per inverted list (k-means cluster)
+PROBE = 8  # lists each list is joined with (itself included)
 
 
 def _rank(vals: torch.Tensor, cols: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
