@@ -299,3 +299,20 @@ def test_spec_mining_options_and_removed_fields() -> None:
     with pytest.raises(SpecError) as err:
         parse_spec({**base, "mining": {"probe": 0}})
     assert err.value.param == "mining.probe"
+
+
+def test_exact_equals_the_plain_query_path_at_scale() -> None:
+    """Thousands of rows, several stripes and column tiles, many cuts, invalid rows: the bounded, symmetric
+    miner gives exactly the lists of the plain path (every query against every column, no bounds)."""
+    from core.mining.exact import exact_rows
+    from core.mining.scores import Filters
+
+    text, image = _clustered(3000, 30, seed=4)
+    valid = np.random.default_rng(4).random(3000) > 0.03
+    mined = mine_exact(text, image, top_k=20, valid=valid, block_size=128, tile_cols=700, buffer=5000)
+    assert mined.report["cuts"] > 5 and mined.report["tiles"] > 20
+    rows = np.flatnonzero(valid)
+    sub = torch.from_numpy(rows)
+    want = exact_rows(text[sub], image[sub], torch.arange(len(rows)), 20, Filters()).numpy()
+    want = np.where(want >= 0, rows[np.clip(want, 0, None)], -1)
+    np.testing.assert_array_equal(mined.neighbors[rows], want)
