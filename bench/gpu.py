@@ -4,7 +4,7 @@ Writes $OUT/gpu.json after every measurement (a timeout keeps what was done) and
 Phases run in priority order, each only when the time left (--budget) allows it: encode rates,
 ViT-B-32 step eager + fused, the data pipeline on 224 px JPEG shards, ViT-B-32 step compiled + fused,
 exact mining of 3.3M x 512 fp16 against a brute-force loop, ViT-B-16 step, ViT-B-32 channels_last,
-fast mining at 1M.
+fast mining at 3.3M (issue 11's targets: exact < 30 s, fast < 6 s with recall >= 0.99).
 
     PYTHONPATH=.:/tmp/site python bench/gpu.py --out $OUT          # on the GPU box (see bench/run_gpu.sh)
     python -m bench.gpu --smoke --out /tmp/gpu-smoke                # CPU, tiny sizes: checks the script only
@@ -47,7 +47,7 @@ ANCHORS = {
 }
 
 FULL = {"b32": "ViT-B-32", "b16": "ViT-B-16", "b32_batch": 1024, "b16_batch": 512, "encode_batch": 1024,
-        "mining_n": 3_300_000, "fast_n": 1_000_000, "images": 8192, "workers": [8, 16], "repeats": 5, "steps": 3,
+        "mining_n": 3_300_000, "fast_n": 3_300_000, "images": 8192, "workers": [8, 16], "repeats": 5, "steps": 3,
         "precision": "bf16", "exact_cap_s": 120.0, "reference_cap_s": 30.0, "anchor_ref_cap_s": 10.0}
 SMOKE = {"b32": "tiny", "b16": "tiny", "b32_batch": 16, "b16_batch": 8, "encode_batch": 8, "mining_n": 3000,
          "fast_n": 2000, "images": 48, "workers": [0, 2], "repeats": 2, "steps": 1, "precision": "fp32",
@@ -141,9 +141,9 @@ def phase_step(cfg: dict[str, Any], dev: torch.device, model_key: str, batch_key
 
 
 def phase_mining(cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
-    """Exact mining (core.mining) and, in the same run, the brute-force loop with the same block rows."""
+    """Exact mining (core.mining: the fused Triton tile kernel on CUDA) and, in the same run, the plain
+    brute-force loop (both products, top-k, no filters) and the anchor's single-product loop."""
     from bench.mining import blocked_brute_force, exact_capped, synthetic_embeddings_torch
-    from core.mining import _rows_per_block
 
     n = cfg["mining_n"]
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -151,19 +151,20 @@ def phase_mining(cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
     t, v = synthetic_embeddings_torch(n, 512, seed=0, device=dev, dtype=dtype)
     out: dict[str, Any] = {"n": n, "d": 512, "top_k": 50, "dtype": str(dtype), "generate_s": time.perf_counter() - t0}
     out["exact"] = exact_capped(t, v, 50, cap_s=cfg["exact_cap_s"])
-    rows = _rows_per_block(4096, n, dev, t.dtype)
-    out["reference"] = blocked_brute_force(t, v, 50, rows=rows, cap_s=cfg["reference_cap_s"])
+    out["reference"] = blocked_brute_force(t, v, 50, rows=min(2048, n), cap_s=cfg["reference_cap_s"])
     # The anchor's own loop (one product, top-64, 4,096 queries a block), to check this box against it.
     out["anchor_loop"] = blocked_brute_force(t, v, 64, rows=min(4096, n), cap_s=cfg["anchor_ref_cap_s"],
                                              single_product=True)
     out["ratio_exact_to_reference"] = out["exact"]["seconds_full"] / out["reference"]["seconds_full"]
     out["exact_vs_anchor_106s"] = out["exact"]["seconds_full"] / ANCHORS["mining_bruteforce_3_3m_seconds"]
+    out["exact_under_30s"] = out["exact"]["seconds_full"] < 30  # issue 11's target for 3.3M on one H200
     return out
 
 
 def phase_fast(cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
-    """mine_fast at 1M, with its sampled recall against exact (faiss-cpu only on the box: see its index kind)."""
-    from bench.mining import exact_capped, synthetic_embeddings_torch
+    """mine_fast (the torch IVF self-join) at 3.3M: timed without its own recall sample, then recall@50 on
+    10,000 random queries against exact mining of those rows; exact's time from a capped run."""
+    from bench.mining import exact_capped, heldout_recall, synthetic_embeddings_torch
     from core.mining import mine_fast
 
     n = cfg["fast_n"]
@@ -171,13 +172,16 @@ def phase_fast(cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
     t, v = synthetic_embeddings_torch(n, 512, seed=1, device=dev, dtype=dtype)
     exact = exact_capped(t, v, 50, cap_s=cfg["reference_cap_s"])
     t0 = time.perf_counter()
-    mined = mine_fast(t, v, top_k=50, recall_sample=1000, seed=0, device=dev)
+    mined = mine_fast(t, v, top_k=50, recall_sample=0, seed=0, device=dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     fast_s = time.perf_counter() - t0
     rep = mined.report
-    return {"n": n, "fast_seconds": fast_s, "report": rep, "recall_at_k": rep.get("recall_at_k"), "exact": exact,
-            "speedup_vs_exact": exact["seconds_full"] / fast_s}
+    held = heldout_recall(t, v, mined.neighbors, 50, seed=0)
+    rep["recall_at_k"] = held["recall_heldout"]
+    return {"n": n, "fast_seconds": fast_s, "report": rep, "recall_at_k": held["recall_heldout"],
+            "recall_queries": held["recall_queries"], "exact": exact, "speedup_vs_exact": exact["seconds_full"] / fast_s,
+            "fast_under_6s": fast_s < 6}
 
 
 def phase_data(cfg: dict[str, Any], dev: torch.device, encode: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from core.errors import DataError, SpecError
 from core.evaluate import evaluate
 from core.io import Access
 from core.layout import final_path
-from core.mining import MinedPairs, mine_exact, mine_fast, read_hard_pairs, write_hard_pairs
+from core.mining import MinedPairs, read_hard_pairs, write_hard_pairs
+from core.mining.embeddings import mine_arrays
 from core.models import LoadedModel, load_model, model_from_spec
 from core.progress import Reporter, Stage
 from core.spec import JobSpec, resolve_spec
@@ -90,15 +91,8 @@ def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: 
 
 def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray, device,
           reporter: Reporter) -> MinedPairs:
-    m = spec.mining
-    kw = dict(top_k=m.top_k, valid=valid, same_caption_threshold=m.same_caption_threshold,
-              duplicate_threshold=m.duplicate_threshold, clamp_negative=m.clamp_negative, device=device,
-              progress=lambda done, total: reporter.progress(Stage.MINING, done, total))
-    t, v = torch.from_numpy(text), torch.from_numpy(image)
-    if m.method == "exact":
-        return mine_exact(t, v, block_size=m.block_size, **kw)
-    return mine_fast(t, v, candidates=m.candidates, reference_size=m.reference_size,
-                     recall_sample=m.recall_sample, seed=int(spec.train.seed or 0), **kw)
+    return mine_arrays(text, image, spec.mining, valid=valid, device=device, seed=int(spec.train.seed or 0),
+                       progress=lambda done, total: reporter.progress(Stage.MINING, done, total))
 
 
 def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, device, workdir: Path,

@@ -177,21 +177,37 @@ class DataSpec(_Strict):
 class MiningSpec(_Strict):
     encoder: str = Field(default="self", description="`self`, or an open_clip model name used as the miner")
     encoder_pretrained: str | None = Field(default=None, description="weights for a separate miner")
-    top_k: int = Field(default=50, ge=1, le=1000, description="mined neighbours kept per pair, best first")
+    top_k: int = Field(default=50, ge=1, le=1000, description="hard pairs kept per training pair, best first")
     method: Literal["exact", "fast"] = Field(
-        default="exact", description="exact: blocked products over the whole set; fast: a faiss index, re-ranked exactly")
-    candidates: int | None = Field(default=None, ge=1, le=100_000,
-                                   description="fast: ANN candidates per query (default 4 x top_k)")
-    reference_size: int = Field(default=3_000_000, ge=1, le=10_000_000_000,
-                                description="fast: size of the reference subset")
+        default="exact",
+        description="`exact`: every pair scored (symmetric tiles, threshold selection); `fast`: an inverted-file "
+        "self-join over k-means lists of [text; image], recall measured on held-out queries",
+    )
+    list_size: int = Field(default=512, ge=1, le=MAX_BATCH, description="fast: rows per inverted list (k-means cluster)")
+    probe: int = Field(default=8, ge=1, le=100_000, description="fast: lists each list's rows are compared with, its own "
+                       "included (more: higher recall, proportionally slower)")
     same_caption_threshold: float = Field(default=0.995, ge=-1.0, le=1.0,
-                                          description="a text cosine above it means the same caption: never hard")
+                                          description="a text cosine above this is the same caption: never hard")
     duplicate_threshold: float = Field(default=0.98, ge=-1.0, le=1.0,
-                                       description="a text or image cosine above it is set to 0 (a probable duplicate)")
+                                       description="a cosine above this is set to 0 (a probable duplicate)")
     clamp_negative: bool = Field(default=True, description="clamp each cosine at 0 before the product")
-    block_size: int = Field(default=4096, ge=1, le=MAX_BATCH, description="exact: queries per block of the blocked products")
-    recall_sample: int = Field(default=1000, ge=0, le=1_000_000, description="fast: queries checked against exact")
+    block_size: int = Field(default=4096, ge=1, le=MAX_BATCH, description="exact: at most this many rows per tile")
+    recall_sample: int = Field(default=1000, ge=0, le=1_000_000, description="fast: random queries mined exactly too, to "
+                               "measure and report recall@top_k (0: not measured)")
     batch_size: int = Field(default=256, ge=1, le=MAX_BATCH, description="embedding batch size")
+    candidates: None = Field(default=None, exclude=True, description="removed: use `probe` and `list_size`")
+    reference_size: None = Field(default=None, exclude=True, description="removed: the fast miner uses every row")
+
+    @field_validator("candidates", "reference_size", mode="before")
+    @classmethod
+    def _removed(cls, value: Any, info: Any) -> None:
+        if value is None:
+            return None
+        why = {"candidates": "the fast miner compares each row with the members of `mining.probe` lists of about "
+                             "`mining.list_size` rows; set those instead",
+               "reference_size": "the fast miner no longer samples a reference subset: every valid row is a "
+                                 "candidate, and `mining.probe` / `mining.list_size` set the cost"}[info.field_name]
+        raise ValueError(f"removed: {why}")
 
 
 class HelipSpec(_Strict):
@@ -349,10 +365,6 @@ class JobSpec(_Strict):
                 f"helip.hard_per_target ({self.helip.hard_per_target}) must be at most helip.sample_from "
                 f"({self.helip.sample_from})"
             )
-        if self.mining.candidates is not None and self.mining.candidates < self.mining.top_k:
-            raise ValueError(
-                f"mining.candidates ({self.mining.candidates}) must be at least mining.top_k ({self.mining.top_k})"
-            )
         sets: list[ZeroShotSpec | RetrievalSpec | LinearProbeSpec] = [
             *self.eval.zeroshot, *self.eval.retrieval, *self.eval.linear_probe]
         names = [e.name for e in sets]
@@ -364,7 +376,7 @@ class JobSpec(_Strict):
 
 # Which field a cross-field message is about: the first field named in it.
 _CROSS_FIELD_PARAMS = (
-    "train.batch_size", "mining.top_k", "helip.hard_per_target", "mining.candidates", "eval",
+    "train.batch_size", "mining.top_k", "helip.hard_per_target", "eval",
 )
 
 

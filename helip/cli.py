@@ -62,16 +62,35 @@ def run(spec: Path = typer.Argument(..., help="job spec, JSON or YAML (docs/spec
 
 
 @app.command()
-def mine(spec: Path = typer.Argument(..., help="job spec, JSON or YAML"),
+def mine(spec: Path | None = typer.Argument(None, help="job spec, JSON or YAML: embed its data, then mine"),
          out: Path = typer.Option(..., "--out", help="output directory"),
+         embeddings: Path | None = typer.Option(
+             None, "--embeddings", help=".npz with `text` and `image` arrays [N, d] (float16/float32) and optional "
+             "`keys`: mine these precomputed embeddings instead (rows are L2-normalised first)"),
+         method: str | None = typer.Option(None, "--method", help="exact | fast (overrides the spec)"),
+         top_k: int | None = typer.Option(None, "--top-k", help="hard pairs per row (overrides the spec)"),
+         spec_file: Path | None = typer.Option(
+             None, "--spec", help="with --embeddings: mining options from a spec file (its `mining` section, or a "
+             "file that is only that section)"),
          device: str | None = typer.Option(None), quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
-    """Only embed and mine: writes OUT/hard_pairs.parquet."""
-    from core.errors import HelipError
-    from core.pipeline import run_job
-    from core.spec import load_spec_file
-    from helip.terminal import TerminalReporter
+    """Only mine: writes OUT/hard_pairs.parquet. Either embed a job spec's data (SPEC) or mine precomputed
+    embeddings (--embeddings FILE)."""
+    from core.errors import HelipError, SpecError
 
     try:
+        if (spec is None) == (embeddings is None):
+            raise SpecError("give either a job spec (SPEC) or --embeddings FILE, not both", param=None)
+        if embeddings is None and (method or top_k or spec_file):
+            raise SpecError("--method, --top-k and --spec go with --embeddings; for a job spec set them in it",
+                            param=None)
+        if embeddings is not None:
+            _mine_embeddings(embeddings, out, method=method, top_k=top_k, spec_file=spec_file, device=device,
+                             quiet=quiet)
+            return
+        from core.pipeline import run_job
+        from core.spec import load_spec_file
+        from helip.terminal import TerminalReporter
+
         job = load_spec_file(spec)
         with TerminalReporter(quiet=quiet) as rep:
             res = run_job(job, out, reporter=rep, device=device, mine_only=True, **_core_options())
@@ -79,6 +98,20 @@ def mine(spec: Path = typer.Argument(..., help="job spec, JSON or YAML"),
         _fail(exc)
     typer.echo(json.dumps(res.summary["mining"], indent=1, default=str))
     typer.echo(f"hard pairs: {res.artifacts['hard_pairs']}")
+
+
+def _mine_embeddings(path: Path, out: Path, *, method: str | None, top_k: int | None,
+                     spec_file: Path | None, device: str | None, quiet: bool) -> None:
+    from core.mining.embeddings import mine_embeddings_file, mining_options
+    from core.train import pick_device
+    from helip.terminal import TerminalReporter
+
+    options = mining_options(spec_file, method=method, top_k=top_k)
+    with TerminalReporter(quiet=quiet) as rep:
+        mined, dest = mine_embeddings_file(path, out, options, device=pick_device(device),
+                                           progress=lambda done, total: rep.progress("mining", done, total))
+    typer.echo(json.dumps(mined.report, indent=1, default=str))
+    typer.echo(f"hard pairs: {dest}")
 
 
 @app.command()
