@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import StorageError
+from core.guard import SELECTED_RUN
 from helip import crud
 from helip.store import Store, file_sha256, job_key
 
@@ -29,15 +30,20 @@ class Stored:
         return {"key": self.key, "sha256": self.sha256, "size": self.size}
 
 
+def _final_name(run: str) -> str:
+    # the guard's selection is checkpoints/helip_selected.pt in the workdir and in the store alike
+    return f"{run}.pt" if run == SELECTED_RUN else f"{run}_final.pt"
+
+
 def checkpoint_key(job_id: str, run: str, step: int, *, final: bool) -> str:
     """Every training state keeps its own object (the checkpoints list links each); the final one is named so."""
-    name = f"{run}_final.pt" if final else f"{run}_step{step:07d}.pt"
+    name = _final_name(run) if final else f"{run}_step{step:07d}.pt"
     return job_key(job_id, "checkpoints", name)
 
 
 def checkpoint_workdir_path(workdir: Path, run: str, *, final: bool) -> Path:
     """Where core.train looks for a run's state (resume) or its final weights (training skipped)."""
-    return Path(workdir) / "checkpoints" / (f"{run}_final.pt" if final else f"{run}_latest.pt")
+    return Path(workdir) / "checkpoints" / (_final_name(run) if final else f"{run}_latest.pt")
 
 
 def json_safe(value: Any) -> Any:
