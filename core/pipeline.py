@@ -101,14 +101,14 @@ def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray,
 
 
 def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, device, workdir: Path,
-              reporter: Reporter) -> dict[str, dict[str, float]]:
+              reporter: Reporter, *, report: bool = True) -> dict[str, dict[str, float]]:
     cache = eval_cache_path(workdir, name)
     if cache.exists():
         return json.loads(cache.read_text())
     res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, spec.eval, access=access,
                    device=device, batch_size=spec.eval.batch_size, workers=spec.data.workers,
                    precision=spec.train.precision, reporter=reporter)
-    for ds, vals in res.items():
+    for ds, vals in res.items() if report else ():
         reporter.eval_result(name, ds, vals)
     cache.write_text(json.dumps(res, indent=1))
     return res
@@ -134,7 +134,7 @@ def _guard(spec: JobSpec, workdir: Path, metrics: dict, steps: int, access: Acce
     wise = []
     for alpha in sorted({0.0, 1.0, *g.wise_alphas}):
         model.model.load_state_dict(wise_state(input_state, boosted, alpha))
-        m = _evaluate(f"wise_{alpha:g}", model, spec, access, dev, workdir, reporter)
+        m = _evaluate(f"wise_{alpha:g}", model, spec, access, dev, workdir, reporter, report=False)
         wise.append({"source": "wise", "step": steps, "alpha": alpha, **judge(m, baseline, g)})
     final = {"source": "final", "step": steps, "alpha": None, **judge(metrics["helip"], baseline, g)}
     keeper = StepKeeper(workdir, "helip", g, baseline)
@@ -154,6 +154,8 @@ def _guard(spec: JobSpec, workdir: Path, metrics: dict, steps: int, access: Acce
                 "alpha": chosen["alpha"] if chosen["source"] == "wise" else None,
                 "metrics": chosen["metrics"], "objective": chosen["objective"]}
     reporter.checkpoint(SELECTED_RUN, chosen["step"], out, final=True, metrics=chosen["metrics"])
+    for ds, vals in chosen["metrics"].items():  # an evaluated model like the others (eval rows, tables)
+        reporter.eval_result(SELECTED_RUN, ds, vals)
     reporter.event(f"guard: selected {selected['source']} (step {selected['step']}, alpha {selected['alpha']}), "
                    f"objective {selected['objective']:.4f}", data={k: v for k, v in selected.items() if k != "metrics"})
     curves = {"objective": g.objective or "mean", "protect": g.protect,
@@ -266,6 +268,7 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     if spec.guard is not None:
         doc["selected"], doc["guard"], artifacts[f"checkpoint:{SELECTED_RUN}"], artifacts["guard_curve"] = _guard(
             spec, workdir, metrics, steps, access, dev, reporter)
+        metrics[SELECTED_RUN] = doc[SELECTED_RUN] = doc["selected"]["metrics"]
     (workdir / "metrics.json").write_text(json.dumps(doc, indent=1))
     artifacts["metrics"] = workdir / "metrics.json"
     timings["total"] = time.perf_counter() - t0
