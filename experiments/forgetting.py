@@ -2,13 +2,13 @@
 
     python experiments/forgetting.py --out runs/forgetting --report docs/results.md
 
-The base model is the main experiment's (tiny-rn16 pretrained on the whole world). Fine-tuning sees
-only the pairs of two shapes (the "target" domain) for a long run at a high learning rate: zero-shot
-accuracy on those shapes' 16 classes rises, and on the other 32 classes (the "general" set, what
-the model knew before) it falls. Each seed is one job through core.pipeline.run_job: HELIP, the
-plain fine-tune of the same length (control), evaluation every few steps, and a guard with
-objective target/acc1 and protect {general/acc1: max_drop}. Each seed's result is appended to
-results.jsonl as soon as it ends (resumable).
+The base model is the main experiment's architecture (tiny-rn16), pretrained on the whole world
+for 500 steps. Fine-tuning sees only the pairs of two shapes (the "target" domain) for a long run at
+a high learning rate: zero-shot accuracy on those shapes' 16 classes rises, and on the other 32
+classes (the "general" set, what the model knew before) it falls. Each seed is one job through
+core.pipeline.run_job: HELIP, the plain fine-tune of the same length (control), evaluation every
+few steps, and a guard with objective target/acc1 and protect {general/acc1: max_drop}. Each
+seed's result is appended to results.jsonl as soon as it ends (resumable).
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=8_000)
     p.add_argument("--zeroshot-per-class", type=int, default=100)
     p.add_argument("--model", choices=sorted(MODELS), default="tiny-rn16")
-    p.add_argument("--pretrain-steps", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of both runs")
+    p.add_argument("--pretrain-steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of both runs")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=50)

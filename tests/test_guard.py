@@ -123,6 +123,9 @@ def test_guard_in_run_job_wise_ends_reproduce_input_and_boosted(world, tmp_path)
     assert res.artifacts[f"checkpoint:{SELECTED_RUN}"] == selected and selected.exists()
     row = [c for c in rep.checkpoints if c["run"] == SELECTED_RUN]
     assert len(row) == 1 and row[0]["final"] and row[0]["metrics"] == sel["metrics"]
+    reported = {e["model"] for e in rep.evals}
+    assert reported == {"baseline", "helip", SELECTED_RUN}  # WiSE points live in the curve, not as eval rows
+    assert doc[SELECTED_RUN] == sel["metrics"]
     with Image.open(res.artifacts["guard_curve"]) as png:
         assert png.format == "PNG" and png.size[0] > 400
 
@@ -144,3 +147,47 @@ def test_helip_run_with_a_guard_selection_reproduces_on_a_separate_evaluation(wo
     again = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, parse_spec(spec).eval, access=Access(),
                      device="cpu", batch_size=256)
     assert again == sel["metrics"]
+
+
+@pytest.fixture(scope="module")
+def sessions(make_pg_database):
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from helip import db
+
+    url = make_pg_database()
+    db.upgrade(url)
+    engine = create_engine(url)
+    yield sessionmaker(bind=engine, expire_on_commit=False)
+    engine.dispose()
+
+
+def test_the_worker_records_the_selection_as_a_final_helip_selected_row(sessions, tmp_path):
+    """Real Postgres and the worker's reporter: the row, its metrics, its key, and resume puts it back."""
+    from helip import crud
+    from helip.store import FileStore
+    from worker.files import JobFiles
+    from worker.reporter import DbReporter, Lease
+
+    with sessions() as s:
+        job_id = crud.create_job(s, owner="local", spec={"model": {"name": "x"}, "data": {"train": "y"}}, seed=1).id
+        s.commit()
+    store = FileStore(tmp_path / "store", retries=0)
+    work = tmp_path / "work"
+    (work / "checkpoints").mkdir(parents=True)
+    selected = work / "checkpoints" / "helip_selected.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "run": SELECTED_RUN}, selected)
+    files = JobFiles(store=store, sessions=sessions, job_id=job_id, workdir=work)
+    rep = DbReporter(sessions=sessions, lease=Lease(job_id, "w1"), files=files)
+    metrics = {"shapes": {"acc1": 0.5}}
+    rep.checkpoint(SELECTED_RUN, 4, selected, final=True, metrics=metrics)
+    with sessions() as s:
+        rows = crud.list_checkpoints(s, job_id=job_id)
+    assert [(r.run, r.step, r.final, r.metrics) for r in rows] == [(SELECTED_RUN, 4, True, metrics)]
+    assert rows[0].key.endswith(f"{job_id}/checkpoints/helip_selected.pt")
+    # publishing the artifact reuses the object (same key), and a new attempt restores it where it was
+    assert files.publish({f"checkpoint:{SELECTED_RUN}": selected})[f"checkpoint:{SELECTED_RUN}"]["key"] == rows[0].key
+    again = tmp_path / "again"
+    JobFiles(store=store, sessions=sessions, job_id=job_id, workdir=again).restore()
+    assert (again / "checkpoints" / "helip_selected.pt").read_bytes() == selected.read_bytes()

@@ -176,3 +176,38 @@ def test_warmup_longer_than_the_run_is_refused():
     with pytest.raises(SpecError) as err:
         plan_steps(160, spec)  # 40 steps
     assert err.value.param == "train.warmup"
+
+
+def test_api_refuses_at_submit_and_documents_the_new_fields(pg_url, redis_url, tmp_path):
+    """Real HTTP handling (FastAPI app, Postgres, Redis): 422 naming the field, and the OpenAPI descriptions."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from helip import db
+    from helip.settings import Settings
+
+    db.upgrade(pg_url)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.tsv").write_text("filepath\ttitle\nimg0.png\ta red square\n")
+    settings = Settings(_env_file=None, data_dir=tmp_path / "state", database_url=pg_url, broker_url=redis_url,
+                        storage_url=(tmp_path / "state" / "store").as_uri(), allowed_data=str(tmp_path / "data"),
+                        secret_key="test-secret", queue_name="helip-train-test")
+    base = {"model": {"name": "tiny-api-train", "config": TINY}, "data": {"train": str(tmp_path / "data" / "train.tsv")}}
+    bad = [({"model": {"name": "coca_ViT-B-32"}}, "model.name"),
+           ({"train": {"max_steps": 5, "warmup": 6}}, "train.warmup"),
+           ({"eval": {"zeroshot": [{"name": "z", "root": str(tmp_path / "data")}]}, "guard": {"objective": "q/acc1"}},
+            "guard.objective")]
+    with TestClient(create_app(settings)) as client:
+        for over, param in bad:
+            r = client.post("/jobs", json={**base, **over})
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["param"] == param, r.text
+        schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    guard = schemas["GuardSpec"]["properties"]
+    assert all(guard[f].get("description") for f in ("wise_alphas", "objective", "protect"))
+    assert schemas["EvalSpec"]["properties"]["every"]["description"]
+    train = schemas["TrainSpec"]["properties"]
+    for f in ("lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats", "lock_text",
+              "lock_text_unlocked_layers", "lock_text_freeze_layer_norm", "grad_checkpointing", "precision",
+              "accum_steps", "warmup"):
+        assert train[f].get("description"), f
