@@ -191,3 +191,18 @@ def test_the_worker_records_the_selection_as_a_final_helip_selected_row(sessions
     again = tmp_path / "again"
     JobFiles(store=store, sessions=sessions, job_id=job_id, workdir=again).restore()
     assert (again / "checkpoints" / "helip_selected.pt").read_bytes() == selected.read_bytes()
+
+
+def test_eval_every_default_is_on_for_small_eval_sets_only(world):
+    from core.pipeline import _eval_every
+
+    spec = parse_spec({**guard_spec(world), "eval": {"zeroshot": world.eval_spec()["zeroshot"]}})
+    size = 48  # one image per class
+    spec.train.batch_size = 256
+    assert _eval_every(spec, 100, Access()) == 25  # 48 images <= a tenth of 25 x 256 trained on
+    spec.train.batch_size = 16
+    assert 0.1 * 25 * 16 < size and _eval_every(spec, 100, Access()) == 0
+    spec.eval.every = 7
+    assert _eval_every(spec, 100, Access()) == 7  # given: always that
+    spec.eval.every = 0
+    assert _eval_every(spec, 100, Access()) == 0
