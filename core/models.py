@@ -144,7 +144,12 @@ def load_model(name: str, *, config: dict[str, Any] | None = None, pretrained: s
         raise ModelError(f"{pretrained} is not a loadable checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
                          param=f"{param_prefix}.pretrained") from None
-    return LoadedModel(name, model, pre_train, pre_val, open_clip.get_tokenizer(name), pretrained)
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except ImportError as exc:  # SigLIP's and HF text towers' tokenizers come from `transformers`
+        raise ModelError(f"the tokenizer of {name} needs the Python package '{exc.name}', which is not installed "
+                         f"on this worker", param=f"{param_prefix}.name") from None
+    return LoadedModel(name, model, pre_train, pre_val, tokenizer, pretrained)
 
 
 def model_from_spec(spec_model, *, access: Access, device, cache_dir: Path | None = None) -> LoadedModel:

@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader
 from core.data import PairDataset, PairIndex, collate_pairs
 from core.errors import DataError, JobCancelled, SpecError
 from core.evaluate import evaluate
+from core.families import model_family
 from core.guard import StepKeeper
 from core.io import Access
 from core.losses import HelipLoss, SimCLRLoss
 from core.models import LoadedModel, load_state, prepare_for_training, save_checkpoint, unwrap
 from core.progress import Reporter
 from core.sampler import HardPairBatchSampler, hard_pair_mask
-from core.families import model_family
 from core.spec import JobSpec
 from core.train_step import StepLoss, micro_slices, train_step
 
@@ -278,7 +278,9 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
 
             results = None
             if rank == 0 and plan.eval_every and (step % plan.eval_every == 0 or step == plan.total_steps):
+                eval_t0 = time.perf_counter()
                 results = evaluate_now()
+                window_t += time.perf_counter() - eval_t0  # samples_per_second counts training time only
                 if step == plan.total_steps:
                     final_metrics = results
                 elif keeper is not None:

@@ -211,3 +211,15 @@ def test_api_refuses_at_submit_and_documents_the_new_fields(pg_url, redis_url, t
               "lock_text_unlocked_layers", "lock_text_freeze_layer_norm", "grad_checkpointing", "precision",
               "accum_steps", "warmup"):
         assert train[f].get("description"), f
+
+
+def test_a_tokenizer_that_needs_a_missing_package_is_a_model_error():
+    import importlib.util
+
+    from core.errors import ModelError
+
+    if importlib.util.find_spec("transformers") is not None:
+        pytest.skip("transformers is installed here")
+    with pytest.raises(ModelError) as err:  # open_clip picks SigLIP's T5 tokenizer for a name with "siglip"
+        load_model("tiny-siglip-named", config=TINY_SIGLIP)
+    assert err.value.param == "model.name" and "transformers" in str(err.value)
