@@ -27,8 +27,7 @@ from core.mining import MinedPairs, mine_exact, mine_fast, read_hard_pairs, writ
 from core.models import LoadedModel, load_model, load_state, model_from_spec, save_checkpoint
 from core.progress import Reporter
 from core.spec import JobSpec, resolve_spec
-from core.train import (RunPlan, eval_cache_path, final_path, pick_device, plan_steps, train_run,
-                        world_size_for)
+from core.train import RunPlan, eval_cache_path, final_path, pick_device, plan_steps, train_run, world_size_for
 
 
 @dataclass

@@ -274,7 +274,8 @@ class JobSpec(_Strict):
 
 # Which field a cross-field message is about: the first field named in it.
 _CROSS_FIELD_PARAMS = (
-    "model.name", "train.warmup", "guard.objective", "guard.protect", "guard", "train.batch_size", "mining.top_k", "helip.hard_per_target", "mining.candidates", "eval",
+    "model.name", "train.warmup", "guard.objective", "guard.protect", "guard",
+    "train.batch_size", "mining.top_k", "helip.hard_per_target", "mining.candidates", "eval",
 )
 
 

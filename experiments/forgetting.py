@@ -103,11 +103,14 @@ def run(args) -> None:
             continue
         t1 = time.time()
         spec = job_spec(args, name, config, base, train_csv, out / "eval", classes, world, seed)
-        run_job(spec, out / f"seed{seed}", reporter=CollectingReporter())
+        rep = CollectingReporter()
+        run_job(spec, out / f"seed{seed}", reporter=rep)
         doc = json.loads((out / f"seed{seed}" / "metrics.json").read_text())
+        curves = {r: [[s["step"], s["target/acc1"], s["general/acc1"]] for s in rep.steps
+                      if s["run"] == r and "target/acc1" in s] for r in ("helip", "control")}
         row = {"seed": seed, "seconds": time.time() - t1, "pairs": n, "steps": args.steps,
                "metrics": {k: doc[k] for k in ("baseline", "control", "helip")},
-               "selected": doc["selected"], "guard": doc["guard"]}
+               "selected": doc["selected"], "guard": doc["guard"], "curves": curves}
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         sel = doc["selected"]
@@ -166,9 +169,9 @@ def main() -> None:
     p.add_argument("--zeroshot-per-class", type=int, default=100)
     p.add_argument("--model", choices=sorted(MODELS), default="tiny-rn16")
     p.add_argument("--pretrain-steps", type=int, default=500)
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of both runs")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of both runs")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
     p.add_argument("--max-drop", type=float, default=0.01, help="the guard's bound on general/acc1")

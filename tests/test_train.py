@@ -1,4 +1,4 @@
-"""The trainer against open_clip's: accumulation over the whole batch, SigLIP, tower locks, checkpointing, spec checks."""
+"""The trainer against open_clip's: whole-batch accumulation, SigLIP, tower locks, checkpointing, spec checks."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from open_clip.loss import SigLipLoss
 
 from core.errors import SpecError
+from core.families import model_family
 from core.losses import HelipLoss, SimCLRLoss
 from core.models import load_model, prepare_for_training
-from core.families import model_family
 from core.spec import TrainSpec, parse_spec
 from core.train import plan_steps
 from core.train_step import StepLoss, micro_slices, train_step
