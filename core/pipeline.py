@@ -238,16 +238,16 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     if mine_only:
         return JobResult(metrics={}, artifacts=artifacts, summary={"timings": timings, "mining": mined.report})
 
-    reporter.stage("training")
-    t2 = time.perf_counter()
     steps = plan_steps(int(index.valid_mask().sum()), spec)
     every = _eval_every(spec, steps, access)
     runs = [RunPlan("helip", spec.helip.hard_per_target, steps, spec.train.batch_size, every)]
     if spec.control:
         runs.append(RunPlan("control", 0, steps, spec.train.batch_size, every))
-    if every or spec.guard is not None:  # the input model's results: the reference of every curve
-        _evaluate("baseline", loaded, spec, access, dev, workdir, reporter)
+    if every or spec.guard is not None:  # the input model's results, the reference of every curve: before
+        _evaluate("baseline", loaded, spec, access, dev, workdir, reporter)  # the training stage shows
     del loaded
+    reporter.stage("training")
+    t2 = time.perf_counter()
     for plan in runs:
         artifacts[f"checkpoint:{plan.run}"] = _train(plan, spec, index, mined.neighbors, tokens, access, dev,
                                                      workdir, reporter)
