@@ -30,9 +30,10 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision only on CUDA ("auto" means bf16 there); on CPU always fp32."""
     if device.type != "cuda" or precision == "fp32":
         return None
-    dtypes = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "pure_bf16": torch.bfloat16, "pure_fp16": torch.float16}
     if precision not in dtypes:
-        raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}")
+        raise ValueError(f"precision must be one of auto, fp32, bf16, fp16, pure_bf16, pure_fp16; got {precision!r}")
     return dtypes[precision]
 
 
@@ -247,6 +248,16 @@ class _Evaluator:
             return {**m, "n_samples": len(ytr) + len(yte), "n_bad": badtr + badte}
 
         return _Task(lp.name, len(train_items) + len(test_items), run)
+
+
+def eval_size(eval_spec: EvalSpec, *, access: Access) -> int:
+    """Items one evaluate() call reads (images; pairs for retrieval), from listing the data sets only."""
+    ev = _Evaluator(None, None, None, access=access, device="cpu", batch_size=1, workers=0, precision="fp32",
+                    reporter=None)
+    tasks = [ev.zeroshot_task(i, z) for i, z in enumerate(eval_spec.zeroshot)]
+    tasks += [ev.retrieval_task(i, r) for i, r in enumerate(eval_spec.retrieval)]
+    tasks += [ev.linear_probe_task(i, lp) for i, lp in enumerate(eval_spec.linear_probe)]
+    return sum(t.size for t in tasks)
 
 
 def evaluate(model, preprocess, tokenizer, eval_spec: EvalSpec, *, access: Access, device,

@@ -24,9 +24,13 @@ def state_path(workdir: Path | str, run: str) -> Path:
     return Path(workdir) / CHECKPOINTS_DIR / f"{run}_latest.pt"
 
 
+SELECTED_RUN = "helip_selected"  # the forgetting guard's choice: checkpoints/helip_selected.pt
+
+
 def final_path(workdir: Path | str, run: str) -> Path:
-    """The final weights of `run`, in open_clip's checkpoint format."""
-    return Path(workdir) / CHECKPOINTS_DIR / f"{run}_final.pt"
+    """The final weights of `run`, in open_clip's checkpoint format (the guard's selection: helip_selected.pt)."""
+    name = f"{run}.pt" if run == SELECTED_RUN else f"{run}_final.pt"
+    return Path(workdir) / CHECKPOINTS_DIR / name
 
 
 def eval_cache_path(workdir: Path | str, model: str) -> Path:

@@ -1,4 +1,5 @@
-"""HELIP's loss terms: open_clip's contrastive loss plus the hard negative margin loss, and SLIP's SimCLR term."""
+"""HELIP's loss terms: open_clip's contrastive (or SigLIP sigmoid) loss plus the hard negative margin loss, and
+SLIP's SimCLR term."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss, gather_features
+from open_clip.loss import ClipLoss, SigLipLoss, gather_features
 
 
 def _margin_from_similarity(sim: torch.Tensor, hard_mask: torch.Tensor, margin: float) -> torch.Tensor:
@@ -99,7 +100,11 @@ def margin_loss_reference(
 
 
 class HelipLoss(torch.nn.Module):
-    """L = ClipLoss + gamma * L_margin, returned as named terms (their sum is the loss to minimise)."""
+    """L = ClipLoss (SigLipLoss for SigLIP models) + gamma * L_margin, as named terms (their sum is the loss).
+
+    The margin term reads cosine similarities: for SigLIP that is (logits - logit_bias) / logit_scale, so
+    gamma and margin mean the same thing for both families.
+    """
 
     def __init__(
         self,
@@ -111,8 +116,11 @@ class HelipLoss(torch.nn.Module):
         world_size: int = 1,
         gather_with_grad: bool = True,
         local_loss: bool = False,
+        siglip: bool = False,
     ):
         super().__init__()
+        # open_clip's SigLipLoss, exchanging text features between ranks the way open_clip does
+        self.siglip = SigLipLoss(rank=rank, world_size=world_size) if siglip else None
         self.gamma = float(gamma)
         self.margin = float(margin)
         self.symmetric = bool(symmetric)
@@ -128,7 +136,20 @@ class HelipLoss(torch.nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         hard_mask: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        if self.siglip is not None:
+            if logit_bias is None:
+                raise ValueError("a SigLIP loss needs the model's logit_bias")
+            contrastive = self.siglip(image_features, text_features, logit_scale, logit_bias)
+            if self.gamma <= 0:
+                return {"contrastive_loss": contrastive}
+            if hard_mask is None:
+                return {"contrastive_loss": contrastive, "margin_loss": contrastive * 0.0}
+            _check_mask(hard_mask, image_features.shape[0])
+            margin = _margin_terms(image_features @ text_features.T, hard_mask, margin=self.margin,
+                                   symmetric=self.symmetric)
+            return {"contrastive_loss": contrastive, "margin_loss": self.gamma * margin}
         if self.gamma <= 0:
             return {"contrastive_loss": self.clip(image_features, text_features, logit_scale)}
         # ClipLoss.forward, opened up so that the margin term can reuse its logits matrix.

@@ -148,7 +148,12 @@ def load_model(name: str, *, config: dict[str, Any] | None = None, pretrained: s
         raise ModelError(f"{pretrained} is not a loadable checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
                          param=f"{param_prefix}.pretrained") from None
-    return LoadedModel(name, model, pre_train, pre_val, open_clip.get_tokenizer(name), pretrained)
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except ImportError as exc:  # SigLIP's and HF text towers' tokenizers come from `transformers`
+        raise ModelError(f"the tokenizer of {name} needs the Python package '{exc.name}', which is not installed "
+                         f"on this worker", param=f"{param_prefix}.name") from None
+    return LoadedModel(name, model, pre_train, pre_val, tokenizer, pretrained)
 
 
 def _load_from_hub(name: str, *, config: dict[str, Any] | None, pretrained: str | None, access: Access,
@@ -206,3 +211,33 @@ def load_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(f"{path} is not a safe checkpoint ({type(exc).__name__})") from None
+
+
+_TEXT_PARTS = ("token_embedding", "positional_embedding", "cls_emb", "transformer", "ln_final", "text_projection")
+
+
+def prepare_for_training(model: Any, train_spec) -> list[str]:  # an open_clip model (lock_* methods)
+    """Apply a TrainSpec's tower locks (open_clip's LiT options) and gradient checkpointing; say what was done."""
+    notes = []
+    if train_spec.lock_image:
+        model.lock_image_tower(unlocked_groups=train_spec.lock_image_unlocked_groups,
+                               freeze_bn_stats=train_spec.lock_image_freeze_bn_stats)
+        notes.append(f"image tower locked ({train_spec.lock_image_unlocked_groups} last group(s) trainable)")
+    if train_spec.lock_text:
+        # open_clip's built-in text tower only supports freezing LayerNorms with the rest; open_clip's
+        # "keep them trainable" option (its HF towers) is done here for every tower alike.
+        model.lock_text_tower(unlocked_layers=train_spec.lock_text_unlocked_layers, freeze_layer_norm=True)
+        if not train_spec.lock_text_freeze_layer_norm:
+            text = getattr(model, "text", model)
+            for part in _TEXT_PARTS:
+                sub = getattr(text, part, None)
+                if isinstance(sub, torch.nn.Module):
+                    for m in sub.modules():
+                        if isinstance(m, torch.nn.LayerNorm):
+                            for p in m.parameters():
+                                p.requires_grad = True
+        notes.append(f"text tower locked ({train_spec.lock_text_unlocked_layers} last layer(s) trainable)")
+    if train_spec.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+        notes.append("gradient checkpointing on")
+    return notes

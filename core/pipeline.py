@@ -7,6 +7,7 @@ previous attempt left in `workdir` (embeddings, hard pairs, training states, eva
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -20,12 +21,13 @@ from core import layout
 from core.data import PairIndex, build_index
 from core.embed import embed_pairs, load_embeddings, save_embeddings
 from core.errors import DataError, SpecError
-from core.evaluate import evaluate
+from core.evaluate import eval_size, evaluate
+from core.guard import SELECTED_RUN, StepKeeper, judge, plot_curves, select, wise_state
 from core.io import Access
 from core.layout import final_path
 from core.mining import MinedPairs, read_hard_pairs, write_hard_pairs
 from core.mining.embeddings import mine_arrays
-from core.models import LoadedModel, load_model, model_from_spec
+from core.models import LoadedModel, load_model, load_state, model_from_spec, save_checkpoint
 from core.progress import Reporter, Stage
 from core.spec import JobSpec, resolve_spec
 from core.train import RunPlan, pick_device, plan_steps, train_run, world_size_for
@@ -96,17 +98,69 @@ def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray,
 
 
 def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, device, workdir: Path,
-              reporter: Reporter) -> dict[str, dict[str, float]]:
+              reporter: Reporter, *, report: bool = True) -> dict[str, dict[str, float]]:
     cache = layout.eval_cache_path(workdir, name)
     if cache.exists():
         return json.loads(cache.read_text())
     res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, spec.eval, access=access,
                    device=device, batch_size=spec.eval.batch_size, workers=spec.data.workers,
                    precision=spec.train.precision, reporter=reporter)
-    for ds, vals in res.items():
+    for ds, vals in res.items() if report else ():
         reporter.eval_result(name, ds, vals)
     cache.write_text(json.dumps(res, indent=1))
     return res
+
+
+def _eval_every(spec: JobSpec, steps: int, access: Access) -> int:
+    """eval.every, or when unset: a quarter of the run when one evaluation reads at most a tenth of the
+    images trained on between two evaluations (then it costs a few percent of the training time)."""
+    if spec.eval.every is not None:
+        return spec.eval.every
+    interval = max(1, math.ceil(steps / 4))
+    size = eval_size(spec.eval, access=access)
+    return interval if 0 < size <= 0.1 * interval * spec.train.batch_size else 0
+
+
+def _guard(spec: JobSpec, workdir: Path, metrics: dict, steps: int, access: Access, dev, reporter: Reporter):
+    """WiSE interpolations of the HELIP run, the selection, helip_selected.pt; (selected, curves, PNG path)."""
+    g, baseline = spec.guard, metrics["baseline"]
+    assert g is not None  # called only for a spec with a guard
+    model = load_model(spec.model.name, config=spec.model.config, pretrained=spec.model.pretrained,
+                       access=access, device=dev, cache_dir=workdir / "weights")
+    input_state = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    boosted = load_state(final_path(workdir, "helip"))["state_dict"]
+    wise = []
+    for alpha in sorted({0.0, 1.0, *g.wise_alphas}):
+        model.model.load_state_dict(wise_state(input_state, boosted, alpha))
+        m = _evaluate(f"wise_{alpha:g}", model, spec, access, dev, workdir, reporter, report=False)
+        wise.append({"source": "wise", "step": steps, "alpha": alpha, **judge(m, baseline, g)})
+    final = {"source": "final", "step": steps, "alpha": None, **judge(metrics["helip"], baseline, g)}
+    keeper = StepKeeper(workdir, "helip", g, baseline)
+    best_step = keeper.best()
+    candidates = [final] + ([best_step] if best_step else []) + [{**w} for w in reversed(wise)]
+    chosen = select(candidates)
+    if chosen["source"] == "wise":
+        state = wise_state(input_state, boosted, chosen["alpha"])
+    else:
+        state = load_state(keeper.weights_path if chosen["source"] == "step"
+                           else final_path(workdir, "helip"))["state_dict"]
+    model.model.load_state_dict(state)
+    out = save_checkpoint(workdir / "checkpoints" / f"{SELECTED_RUN}.pt", model.model, name=spec.model.name,
+                          extra={"step": chosen["step"], "run": SELECTED_RUN, "source": chosen["source"],
+                                 "alpha": chosen["alpha"] if chosen["source"] == "wise" else None})
+    selected = {"source": chosen["source"], "step": chosen["step"],
+                "alpha": chosen["alpha"] if chosen["source"] == "wise" else None,
+                "metrics": chosen["metrics"], "objective": chosen["objective"]}
+    reporter.checkpoint(SELECTED_RUN, chosen["step"], out, final=True, metrics=chosen["metrics"])
+    for ds, vals in chosen["metrics"].items():  # an evaluated model like the others (eval rows, tables)
+        reporter.eval_result(SELECTED_RUN, ds, vals)
+    reporter.event(f"guard: selected {selected['source']} (step {selected['step']}, alpha {selected['alpha']}), "
+                   f"objective {selected['objective']:.4f}", data={k: v for k, v in selected.items() if k != "metrics"})
+    curves = {"objective": g.objective or "mean", "protect": g.protect,
+              "input": {"metrics": baseline, **judge(baseline, baseline, g)}, "final": final,
+              "steps": keeper.entries, "wise": wise, "selected": selected}
+    png = plot_curves(curves, workdir / "guard_curve.png")
+    return selected, curves, out, png
 
 
 def _train(plan: RunPlan, spec: JobSpec, index: PairIndex, neighbors, tokens, access: Access, device,
@@ -190,13 +244,16 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     if mine_only:
         return JobResult(metrics={}, artifacts=artifacts, summary={"timings": timings, "mining": mined.report})
 
+    steps = plan_steps(int(index.valid_mask().sum()), spec)
+    every = _eval_every(spec, steps, access)
+    runs = [RunPlan("helip", spec.helip.hard_per_target, steps, spec.train.batch_size, every)]
+    if spec.control:
+        runs.append(RunPlan("control", 0, steps, spec.train.batch_size, every))
+    if every or spec.guard is not None:  # the input model's results, the reference of every curve: before
+        _evaluate("baseline", loaded, spec, access, dev, workdir, reporter)  # the training stage shows
+    del loaded
     reporter.stage(Stage.TRAINING)
     t2 = time.perf_counter()
-    steps = plan_steps(int(index.valid_mask().sum()), spec)
-    runs = [RunPlan("helip", spec.helip.hard_per_target, steps, spec.train.batch_size)]
-    if spec.control:
-        runs.append(RunPlan("control", 0, steps, spec.train.batch_size))
-    del loaded
     for plan in runs:
         artifacts[f"checkpoint:{plan.run}"] = _train(plan, spec, index, mined.neighbors, tokens, access, dev,
                                                      workdir, reporter, cpu_processes=cpu_processes,
@@ -215,13 +272,18 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
         del m
     timings["evaluating"] = time.perf_counter() - t3
     doc = {**metrics, "lift": lift(metrics)}
+    if spec.guard is not None:
+        selected, curves, artifacts[f"checkpoint:{SELECTED_RUN}"], artifacts["guard_curve"] = _guard(
+            spec, workdir, metrics, steps, access, dev, reporter)
+        doc["selected"], doc["guard"] = selected, curves
+        metrics[SELECTED_RUN] = doc[SELECTED_RUN] = selected["metrics"]
     (workdir / layout.METRICS).write_text(json.dumps(doc, indent=1))
     artifacts["metrics"] = workdir / layout.METRICS
     timings["total"] = time.perf_counter() - t0
     # the lift (boosted minus baseline and minus control) is what a job is for: on the job itself, so a list
     # of jobs or a webhook shows it without a second request; the full metrics are in metrics.json and /metrics
     summary = {"timings": timings, "steps": steps, "mining": mined.report, "data": index.report(),
-               "seed": spec.train.seed, "lift": doc["lift"]}
+               "seed": spec.train.seed, "lift": doc["lift"], "eval_every": every}
     (workdir / layout.SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
     reporter.event("job finished", data=summary)
     return JobResult(metrics=metrics, artifacts=artifacts, summary=summary)

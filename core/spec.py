@@ -19,6 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import SpecError
+from core.families import model_family
 
 # Bounds that no real job needs to exceed: they keep a hostile or mistyped value from holding a worker.
 MAX_STRING = 4096  # any string in the spec (locations, templates, names)
@@ -227,17 +228,27 @@ class TrainSpec(_Strict):
     epochs: float = Field(default=2.0, gt=0.0, le=10_000.0, description="passes over the training targets (fractions allowed)")
     max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="stop after this many optimizer steps")
     batch_size: int = Field(default=256, ge=1, le=MAX_BATCH, description="global batch (targets + hard pairs)")
-    accum_steps: int = Field(default=1, ge=1, le=4096, description="gradient accumulation micro-steps per optimizer step")
+    accum_steps: int = Field(
+        default=1, ge=1, le=4096,
+        description="micro-batches per optimizer step, as open_clip's --accum-freq: features are "
+        "cached so the loss sees the whole batch (a target stays with its hard pairs), then each micro-batch is "
+        "recomputed with gradients; memory of one micro-batch, gradient of the whole batch")
     lr: float = Field(default=1e-5, gt=0.0, le=10.0, description="peak AdamW learning rate (cosine schedule after warmup)")
     weight_decay: float = Field(default=0.1, ge=0.0, le=100.0, description="AdamW weight decay")
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="AdamW beta1")
     beta2: float = Field(default=0.98, ge=0.0, lt=1.0, description="AdamW beta2")
     eps: float = Field(default=1e-6, gt=0.0, le=1.0, description="AdamW epsilon")
-    warmup: float = Field(default=0.03, ge=0.0, le=MAX_STEPS, description="< 1: fraction of all steps; >= 1: steps")
+    warmup: float = Field(default=0.03, ge=0.0, le=MAX_STEPS, description="< 1: fraction of all steps; >= 1: steps "
+                          "(refused when longer than the run)")
     grad_clip: float | None = Field(default=1.0, gt=0.0, le=1e6,
                                     description="clip the gradient norm to this; null: no clipping")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto", description="autocast dtype; auto: bf16 on a GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "amp", "amp_bf16", "amp_bfloat16", "pure_bf16",
+                       "pure_fp16"] = Field(
+        default="auto",
+        description="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 / fp16 (autocast: open_clip's amp_bf16 / "
+        "amp), pure_bf16 / pure_fp16 (weights in that type, as open_clip). open_clip's amp, amp_bf16 and "
+        "amp_bfloat16 are accepted and stored as fp16 / bf16; note open_clip's own fp16 means pure_fp16 here.",
+    )
     ssl_weight: float = Field(default=0.0, ge=0.0, le=1000.0, description="SLIP-style SimCLR image-image term")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="filled in when omitted")
     checkpoint_every: int = Field(default=200, ge=1, le=NEVER, description="optimizer steps between checkpoints")
@@ -249,6 +260,26 @@ class TrainSpec(_Strict):
     devices: int | None = Field(default=None, ge=1, le=64, description="processes for DDP (default: all GPUs, 1 on CPU)")
     compile: bool = Field(default=False, description="torch.compile the model (GPU)")
     log_every: int = Field(default=10, ge=1, le=NEVER, description="optimizer steps between recorded training metrics")
+    lock_image: bool = Field(default=False, description="freeze the image tower (open_clip --lock-image)")
+    lock_image_unlocked_groups: int = Field(
+        default=0, ge=0, le=1000, description="with lock_image: leave this many last layer groups trainable")
+    lock_image_freeze_bn_stats: bool = Field(
+        default=False, description="with lock_image: also freeze BatchNorm running statistics")
+    lock_text: bool = Field(default=False, description="freeze the text tower (open_clip --lock-text)")
+    lock_text_unlocked_layers: int = Field(
+        default=0, ge=0, le=1000, description="with lock_text: leave this many last layers trainable")
+    lock_text_freeze_layer_norm: bool = Field(
+        default=True, description="with lock_text: the LayerNorms of the locked layers are frozen too (false: "
+        "they stay trainable, as open_clip's --lock-text-freeze-layer-norm off)")
+    grad_checkpointing: bool = Field(
+        default=False, description="recompute activations in backward (model.set_grad_checkpointing): less "
+        "memory for large towers, about a third more compute")
+
+    @field_validator("precision")
+    @classmethod
+    def _open_clip_precision(cls, v: str) -> str:
+        # open_clip's autocast names are the same thing as ours: store one spelling.
+        return {"amp": "fp16", "amp_bf16": "bf16", "amp_bfloat16": "bf16"}.get(v, v)
 
 
 class ZeroShotSpec(_Strict):
@@ -282,6 +313,52 @@ class EvalSpec(_Strict):
     linear_probe: list[LinearProbeSpec] = Field(default_factory=list, max_length=32,
                                                 description="linear-probe sets (train and test)")
     batch_size: int = Field(default=256, ge=1, le=65536, description="evaluation batch size")
+
+    every: int | None = Field(
+        default=None, ge=0, le=NEVER,
+        description="evaluate during training every this many optimizer steps (results on the step metrics and "
+        "the checkpoint rows); 0: never; unset: four times per run (at each quarter) when one evaluation reads "
+        "at most a tenth of the images trained on between two evaluations (small eval sets), else never",
+    )
+
+
+
+# What each eval kind reports (core.evaluate), for checking DATASET/METRIC names in a guard.
+_METRICS = {
+    "zeroshot": ("acc1", "acc5", "mean_per_class_recall"),
+    "retrieval": tuple(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)),
+    "linear_probe": ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"),
+}
+
+
+class GuardSpec(_Strict):
+    wise_alphas: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75], max_length=32,
+        description="WiSE-FT weight interpolations evaluated after training, each in [0, 1] (0 = the input "
+        "model, 1 = the boosted one; both ends are always evaluated)",
+    )
+    objective: str | None = Field(
+        default=None, description="DATASET/METRIC to maximise (e.g. shapes/acc1); unset: the mean over every "
+        "metric of every eval data set",
+    )
+    protect: dict[str, float] = Field(
+        default_factory=dict, description="{DATASET/METRIC: max_drop}: the selected model may not lose more "
+        "than max_drop on that metric against the input model",
+    )
+
+    @field_validator("wise_alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= a <= 1.0 for a in v):
+            raise ValueError("every wise_alphas value must be in [0, 1]")
+        return sorted(set(v))
+
+    @field_validator("protect")
+    @classmethod
+    def _drops(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(d < 0 for d in v.values()):
+            raise ValueError("a protect max_drop must be >= 0")
+        return v
 
 
 WEBHOOK_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.stage")
@@ -337,6 +414,12 @@ class JobSpec(_Strict):
         f"{METADATA_VALUE_MAX} characters")
 
     webhook: WebhookSpec | None = Field(default=None, description="where to POST signed job events (optional)")
+    guard: GuardSpec | None = Field(
+        default=None, description="forgetting guard (off unless given): select, among the final weights, the "
+        "evaluated steps and WiSE-FT interpolations, the best objective that keeps every protect bound; "
+        "written as checkpoints/helip_selected.pt",
+    )
+
 
     @field_validator("metadata")
     @classmethod
@@ -345,6 +428,17 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        family = model_family(self.model.name, self.model.config)
+        if family == "coca":
+            raise ValueError(
+                f"model.name: {self.model.name} is a CoCa model, whose loss adds a captioning term; HELIP "
+                "fine-tuning supports the CLIP and SigLIP families only (CoCa is refused rather than trained "
+                "with the wrong loss)"
+            )
+        t = self.train
+        if t.warmup >= 1 and t.max_steps is not None and t.warmup > t.max_steps:
+            raise ValueError(f"train.warmup ({t.warmup:g} steps) is longer than the run (train.max_steps "
+                             f"{t.max_steps})")
         group = 1 + self.helip.hard_per_target
         per_step = self.train.batch_size
         if per_step < group:
@@ -371,11 +465,32 @@ class JobSpec(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"eval data set names must be unique; repeated: {dupes}")
+        if self.guard is not None:
+            self._check_guard()
         return self
+
+    def _check_guard(self) -> None:
+        guard = self.guard
+        if guard is None:
+            return
+        kinds = {e.name: kind for kind in _METRICS for e in getattr(self.eval, kind)}
+        if not kinds:
+            raise ValueError("guard: needs at least one eval data set (eval.zeroshot, eval.retrieval or "
+                             "eval.linear_probe) to measure what the model keeps")
+        keys = [("guard.objective", guard.objective)] if guard.objective else []
+        keys += [("guard.protect", k) for k in guard.protect]
+        for field, key in keys:
+            ds, _, metric = key.partition("/")
+            if ds not in kinds:
+                raise ValueError(f"{field}: '{key}' must be DATASET/METRIC with DATASET one of the eval data "
+                                 f"sets {sorted(kinds)}")
+            if metric not in _METRICS[kinds[ds]]:
+                raise ValueError(f"{field}: '{key}': {ds} reports {', '.join(_METRICS[kinds[ds]])}")
 
 
 # Which field a cross-field message is about: the first field named in it.
 _CROSS_FIELD_PARAMS = (
+    "model.name", "train.warmup", "guard.objective", "guard.protect", "guard",
     "train.batch_size", "mining.top_k", "helip.hard_per_target", "eval",
 )
 

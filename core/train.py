@@ -6,6 +6,8 @@ then loop over hard-pair batches with the contrastive + margin loss, checkpointi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -17,14 +19,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.data import PairDataset, PairIndex, collate_pairs
-from core.errors import DataError, JobCancelled
+from core.errors import DataError, JobCancelled, SpecError
+from core.evaluate import evaluate
+from core.families import model_family
+from core.guard import StepKeeper
 from core.io import Access
-from core.layout import final_path, state_path
+from core.layout import eval_cache_path, final_path, state_path
 from core.losses import HelipLoss, SimCLRLoss
-from core.models import LoadedModel, load_state, save_checkpoint, unwrap
+from core.models import LoadedModel, load_state, prepare_for_training, save_checkpoint, unwrap
 from core.progress import Reporter
 from core.sampler import HardPairBatchSampler, hard_pair_mask
 from core.spec import JobSpec
+from core.train_step import StepLoss, micro_slices, train_step
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class RunPlan:
     hard_per_target: int     # 0: plain batches (the control)
     total_steps: int
     batch_size: int          # global, per optimizer step
+    eval_every: int = 0      # evaluate every this many steps and at the end (0: never during training)
 
     @property
     def group(self) -> int:
@@ -53,14 +60,19 @@ def plan_steps(n_valid: int, spec: JobSpec) -> int:
     steps = max(1, math.ceil(spec.train.epochs * per_epoch))
     if spec.train.max_steps is not None:
         steps = min(steps, spec.train.max_steps)
+    if spec.train.warmup >= 1 and spec.train.warmup > steps:
+        raise SpecError(f"train.warmup ({spec.train.warmup:g} steps) is longer than the run ({steps} steps from "
+                        f"{n_valid} usable pairs)", param="train.warmup")
     return steps
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 on GPU by default, none (fp32) on CPU."""
+    """The autocast dtype: bf16 on GPU by default, none (fp32) on CPU; pure_* give their type (for inference)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "amp": torch.float16,
+            "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16,
+            "pure_bf16": torch.bfloat16, "pure_fp16": torch.float16}[precision]
 
 
 def lr_lambda(warmup: int, total: int):
@@ -115,21 +127,9 @@ def _ssl_transform(loaded: LoadedModel):
     return _SslViews(loaded.preprocess_train, size, norm.mean, norm.std)
 
 
-def _forward(model, images, texts):
-    out = model(images, texts)
-    if isinstance(out, dict):
-        return out["image_features"], out["text_features"], out["logit_scale"]
-    return out[0], out[1], out[2]
-
-
-def _micro_slices(batch_len: int, accum: int, group: int) -> list[slice]:
-    """Split a batch into `accum` micro-batches on group boundaries (a target stays with its hard pairs)."""
-    groups = batch_len // group
-    if accum <= 1 or groups < accum:
-        return [slice(0, batch_len)]
-    per = groups // accum
-    cuts = [i * per * group for i in range(accum)] + [batch_len]
-    return [slice(cuts[i], cuts[i + 1]) for i in range(accum)]
+def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{DATASET/METRIC: value} for step metrics (counts left out)."""
+    return {f"{ds}/{m}": float(v) for ds, vals in results.items() for m, v in vals.items() if not m.startswith("n_")}
 
 
 def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: Access,
@@ -147,9 +147,14 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
         raise DataError(f"train.batch_size {plan.batch_size} gives {targets_global} targets per step, "
                         f"not divisible by {world_size} processes", param="train.batch_size")
     torch.manual_seed(t.seed + rank)
-    autocast_dtype = resolve_precision(t.precision, device)
+    pure = t.precision.startswith("pure_")
+    autocast_dtype = None if pure else resolve_precision(t.precision, device)
 
     model = loaded.model.to(device).train()
+    if pure:  # open_clip's pure_bf16 / pure_fp16: the weights themselves in that type, no autocast
+        model = model.to(resolve_precision(t.precision, device))
+    for note in prepare_for_training(model, t):
+        reporter.event(f"{plan.run}: {note}")
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -160,8 +165,18 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(max(1, warmup), plan.total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     loss_fn = HelipLoss(gamma=h.gamma if plan.hard_per_target else 0.0, margin=h.margin,
-                        symmetric=h.margin_symmetric, rank=rank, world_size=world_size)
+                        symmetric=h.margin_symmetric, rank=rank, world_size=world_size,
+                        siglip=model_family(spec.model.name, spec.model.config) == "siglip")
     ssl_fn = SimCLRLoss() if t.ssl_weight > 0 else None
+    step_loss = StepLoss(loss_fn, ssl_fn, t.ssl_weight)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+
+    def backward(total: torch.Tensor) -> None:
+        scaler.scale(total).backward()
+
+    no_sync = model.no_sync if world_size > 1 else None
     fwd_model = torch.compile(model) if t.compile and device.type == "cuda" else model
 
     valid = index.valid_mask()
@@ -186,14 +201,26 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
         step, epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         reporter.event(f"{plan.run}: resumed from step {step}", data={"run": plan.run, "resumed_step": step})
 
-    def save_state(batch_in_epoch: int) -> None:
+    def save_state(batch_in_epoch: int, metrics: dict | None = None) -> None:
         if rank != 0:
             return
         save_checkpoint(state_file, model, name=loaded.name, extra={
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "run": plan.run})
-        reporter.checkpoint(plan.run, step, state_file, final=False)
+        reporter.checkpoint(plan.run, step, state_file, final=False, metrics=metrics)
+
+    def evaluate_now() -> dict[str, dict[str, float]]:
+        # pure_* weights need autocast to read fp32 images; otherwise evaluate() picks the precision itself
+        pure_cast = torch.autocast(device.type, dtype=resolve_precision(t.precision, device)) if pure else None
+        with pure_cast or contextlib.nullcontext():
+            return evaluate(base, loaded.preprocess_val, loaded.tokenizer, spec.eval, access=access, device=device,
+                            batch_size=spec.eval.batch_size, workers=spec.data.workers, precision=t.precision)
+
+    keeper = None
+    if rank == 0 and plan.eval_every and spec.guard is not None and plan.run == "helip":
+        keeper = StepKeeper(workdir, plan.run, spec.guard, json.loads(eval_cache_path(workdir, "baseline").read_text()))
+    final_metrics = None
 
     reporter.event(f"{plan.run}: training {plan.total_steps} steps of {plan.batch_size} "
                    f"({plan.group} per target) on {world_size} process(es), {device.type}",
@@ -219,25 +246,9 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
             mask = None
             if plan.hard_per_target and not batch["bad_rows"]:
                 mask = hard_pair_mask(rows, table, plan.group, h.sample_from).to(device)
-            terms_sum: dict[str, float] = {}
-            slices = _micro_slices(len(rows), t.accum_steps, plan.group)
-            for sl in slices:
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    if ssl_fn is not None:
-                        views = images[sl]
-                        n = views.shape[0]
-                        img_f, txt_f, scale = _forward(fwd_model, views.flatten(0, 1), texts[sl])
-                        img_f = img_f.view(n, 3, -1)
-                        terms = loss_fn(img_f[:, 0], txt_f, scale, None if mask is None else mask[sl, sl])
-                        terms["ssl_loss"] = t.ssl_weight * ssl_fn(img_f[:, 1], img_f[:, 2])
-                    else:
-                        img_f, txt_f, scale = _forward(fwd_model, images[sl], texts[sl])
-                        terms = loss_fn(img_f, txt_f, scale, None if mask is None else mask[sl, sl])
-                    total = sum(terms.values()) / len(slices)
-                scaler.scale(total).backward()
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(slices)
+            slices = micro_slices(len(rows), t.accum_steps, plan.group)
+            terms_sum = train_step(fwd_model, images, texts, mask, slices, step_loss=step_loss, ssl=ssl_fn is not None,
+                                   autocast=autocast, backward=backward, no_sync=no_sync)
             if t.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(base.parameters(), t.grad_clip)
@@ -252,11 +263,22 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
             seen += len(rows) * world_size
             window_n += len(rows) * world_size
 
-            if step % t.log_every == 0 or step == plan.total_steps or step == 1:
+            results = None
+            if rank == 0 and plan.eval_every and (step % plan.eval_every == 0 or step == plan.total_steps):
+                eval_t0 = time.perf_counter()
+                results = evaluate_now()
+                window_t += time.perf_counter() - eval_t0  # samples_per_second counts training time only
+                if step == plan.total_steps:
+                    final_metrics = results
+                elif keeper is not None:
+                    keeper.record(step, results, lambda p, at=step: save_checkpoint(
+                        p, model, name=loaded.name, extra={"step": at, "run": plan.run}))
+            if step % t.log_every == 0 or step == plan.total_steps or step == 1 or results is not None:
                 now = time.perf_counter()
                 values = {**terms_sum, "loss": sum(terms_sum.values()), "lr": scheduler.get_last_lr()[0],
                           "samples_per_second": window_n / max(now - window_t, 1e-9),
-                          "logit_scale": float(base.logit_scale.detach().exp()), "epoch": epoch}
+                          "logit_scale": float(base.logit_scale.detach().exp()), "epoch": epoch,
+                          **flat_metrics(results or {})}
                 window_t, window_n = now, 0
                 if rank == 0:
                     reporter.step(plan.run, step, plan.total_steps, values)
@@ -267,8 +289,8 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
             if cancel_flag.item() > 0:
                 save_state(batch_in_epoch)
                 raise JobCancelled(f"{plan.run}: cancelled at step {step}; state saved")
-            if step % t.checkpoint_every == 0 and step < plan.total_steps:
-                save_state(batch_in_epoch)
+            if (step % t.checkpoint_every == 0 or results is not None) and step < plan.total_steps:
+                save_state(batch_in_epoch, results)
             if step >= plan.total_steps:
                 break
         else:
@@ -283,7 +305,11 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
                               extra={"step": step, "run": plan.run})
         reporter.event(f"{plan.run}: done, {step} steps, {seen} samples",
                        data={"run": plan.run, "sampler": stats, "unreadable_in_training": bad_seen})
-        reporter.checkpoint(plan.run, step, out, final=True)
+        if final_metrics is not None:  # the final weights' evaluation: the pipeline reuses it
+            eval_cache_path(workdir, plan.run).write_text(json.dumps(final_metrics, indent=1))
+            for ds, vals in final_metrics.items():
+                reporter.eval_result(plan.run, ds, vals)
+        reporter.checkpoint(plan.run, step, out, final=True, metrics=final_metrics)
     return final_path(workdir, plan.run)
 
 

@@ -72,7 +72,7 @@ def metrics_table(metrics: dict[str, dict[str, dict[str, float]]],
                                            "image_retrieval_recall@5", "text_retrieval_recall@1",
                                            "text_retrieval_recall@5", "lp_acc1")) -> str:
     """A Markdown table: one row per data set and metric, one column per model, and the lift."""
-    models = [m for m in ("baseline", "control", "helip") if m in metrics]
+    models = [m for m in ("baseline", "control", "helip", "helip_selected") if m in metrics]
     head = ["data set", "metric", *models]
     if "helip" in metrics and "baseline" in metrics:
         head.append("HELIP - baseline")
