@@ -1,5 +1,8 @@
 """Job artifact storage by URL (`file:///path`, `s3://bucket/prefix`), with core.s3's retry policy.
 
+(About 380 lines on purpose: the store's contract and its two backends side by side, so that a change to
+the contract is made, and reviewed, in one place.)
+
 Keys are relative POSIX paths (`jobs/<id>/checkpoints/helip_step200.pt`). Transient failures are retried
 with exponential backoff; a store that stays down, or a missing object, raises StorageError.
 """
