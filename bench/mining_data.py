@@ -33,9 +33,9 @@ def base_embeddings(cache: Path = CACHE) -> tuple[np.ndarray, np.ndarray]:
     from core.embed import embed_pairs
     from core.io import Access
     from core.models import load_model
-    from core.pretrain import pretrain_base
-    from core.synth import generate_world
     from helip.demo import DEMO_CONFIG, DEMO_NAME, DEMO_PRETRAIN, DEMO_WORLD
+    from synthworld.pretrain import pretrain_base
+    from synthworld.world import generate_world
 
     world = generate_world(cache / "world", **DEMO_WORLD)
     base = pretrain_base(world.train_csv, cache / "base" / f"{DEMO_NAME}.pt", **DEMO_PRETRAIN)

@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.pipeline import run_job  # noqa: E402
-from core.pretrain import pretrain_base  # noqa: E402
 from core.progress import CollectingReporter  # noqa: E402
-from core.synth import SHAPES, generate_world  # noqa: E402
 from experiments.helip_synth import MODELS  # noqa: E402
+from synthworld.pretrain import pretrain_base  # noqa: E402
+from synthworld.world import SHAPES, generate_world  # noqa: E402
 
 TARGET_SHAPES = ("circle", "square")
 

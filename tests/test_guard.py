@@ -19,7 +19,7 @@ from core.models import load_model
 from core.pipeline import run_job
 from core.progress import CollectingReporter
 from core.spec import GuardSpec, parse_spec
-from core.synth import generate_world
+from synthworld.world import generate_world
 from worker.files import checkpoint_key, checkpoint_workdir_path
 
 TINY = {"embed_dim": 64,
