@@ -20,7 +20,8 @@ from core.pipeline import run_job
 from core.progress import CollectingReporter
 from core.spec import GuardSpec, parse_spec
 from synthworld.world import generate_world
-from worker.files import checkpoint_key, checkpoint_workdir_path
+from worker.files import checkpoint_workdir_path
+from worker.retention import final_key
 
 TINY = {"embed_dim": 64,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
@@ -89,9 +90,11 @@ def test_guard_spec_errors_name_the_field(world):
 
 
 def test_selected_checkpoint_is_stored_as_helip_selected(tmp_path):
-    assert checkpoint_key("job-1", SELECTED_RUN, 4, final=True).endswith("job-1/checkpoints/helip_selected.pt")
-    assert checkpoint_workdir_path(tmp_path, SELECTED_RUN, final=True) == tmp_path / "checkpoints" / "helip_selected.pt"
-    assert checkpoint_key("job-1", "helip", 4, final=True).endswith("checkpoints/helip_final.pt")
+    # the workdir file and the store key carry the same name (the key keeps the file name core wrote)
+    path = checkpoint_workdir_path(tmp_path, SELECTED_RUN, final=True)
+    assert path == tmp_path / "checkpoints" / "helip_selected.pt"
+    assert final_key("job-1", SELECTED_RUN, path.name) == "jobs/job-1/checkpoints/helip_selected.pt"
+    assert checkpoint_workdir_path(tmp_path, "helip", final=True).name == "helip_final.pt"
 
 
 def test_guard_in_run_job_wise_ends_reproduce_input_and_boosted(world, tmp_path):
