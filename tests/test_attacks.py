@@ -156,7 +156,7 @@ def _put(s3, bucket: str, key: str, data: bytes) -> None:
 
 def test_another_keys_checkpoint_cannot_be_read_through_the_store(on_s3: Service, s3, world) -> None:
     bucket = on_s3.bucket  # type: ignore[attr-defined]
-    victim = on_s3.submit(job_spec(world, steps=1, checkpoint_every=1))
+    victim = on_s3.submit(job_spec(world, steps=2, checkpoint_every=1))
     stored = f"store/jobs/{victim}/checkpoints/helip_final.pt"
     _put(s3, bucket, stored, b"the victim's boosted weights")
     _put(s3, bucket, "data/mine.pt", b"weights of my own")
@@ -180,7 +180,7 @@ def test_a_location_swapped_after_submission_is_refused_by_the_worker(on_s3: Ser
     mine.write_bytes(b"not even weights")
     link = Path(world.root) / "attack-link.pt"
     link.symlink_to(mine)
-    spec = job_spec(world, steps=1, checkpoint_every=1)
+    spec = job_spec(world, steps=2, checkpoint_every=1)
     spec["model"]["pretrained"] = str(link)
     job_id = on_s3.submit(spec)
     data_dir = Path(on_s3.env["HELIP_DATA_DIR"])
