@@ -45,6 +45,7 @@ def guard_spec(world, **guard) -> dict:
         "train": {"max_steps": 4, "batch_size": 32, "lr": 3e-4, "checkpoint_every": 100, "log_every": 1, "seed": 7},
         "eval": {"zeroshot": ev["zeroshot"], "retrieval": ev["retrieval"], "every": 2},
         "guard": {"wise_alphas": [0.5], **guard},
+        "control": False,  # the guard concerns the HELIP run only
     }
 
 
@@ -168,13 +169,13 @@ def sessions(make_pg_database):
 
 def test_the_worker_records_the_selection_as_a_final_helip_selected_row(sessions, tmp_path):
     """Real Postgres and the worker's reporter: the row, its metrics, its key, and resume puts it back."""
-    from helip import crud
+    from helip import crud, transitions
     from helip.store import FileStore
     from worker.files import JobFiles
     from worker.reporter import DbReporter, Lease
 
     with sessions() as s:
-        job_id = crud.create_job(s, owner="local", spec={"model": {"name": "x"}, "data": {"train": "y"}}, seed=1).id
+        job_id = transitions.create_job(s, owner="local", spec={"model": {"name": "x"}, "data": {"train": "y"}}, seed=1).id
         s.commit()
     store = FileStore(tmp_path / "store", retries=0)
     work = tmp_path / "work"
@@ -186,7 +187,7 @@ def test_the_worker_records_the_selection_as_a_final_helip_selected_row(sessions
     metrics = {"shapes": {"acc1": 0.5}}
     rep.checkpoint(SELECTED_RUN, 4, selected, final=True, metrics=metrics)
     with sessions() as s:
-        rows = crud.list_checkpoints(s, job_id=job_id)
+        rows, _ = crud.list_checkpoints(s, job_id=job_id)
     assert [(r.run, r.step, r.final, r.metrics) for r in rows] == [(SELECTED_RUN, 4, True, metrics)]
     assert rows[0].key.endswith(f"{job_id}/checkpoints/helip_selected.pt")
     # publishing the artifact reuses the object (same key), and a new attempt restores it where it was
