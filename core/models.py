@@ -32,8 +32,8 @@ class LoadedModel:
     pretrained: str | None
 
 
-# open_clip's own architectures, before any custom config is registered in this process.
-_BUILTIN_MODELS = frozenset(open_clip.list_models())
+# open_clip's own architectures: the configs its package ships (not those registered in this process since).
+_BUILTIN_MODELS = frozenset(p.stem for p in (Path(open_clip.__file__).parent / "model_configs").glob("*.json"))
 
 
 def register_config(name: str, config: dict[str, Any], *, param: str = "model.config") -> None:

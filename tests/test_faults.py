@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -21,7 +19,7 @@ from core.spec import resolve_spec
 from helip import db, transitions
 from helip.settings import Settings
 from helip.tables import Job, utcnow
-from tests.test_service_e2e import FINISHED, KEY, Service, assert_steps_once, job_spec
+from tests.test_service_e2e import FINISHED, KEY, Service, assert_steps_once, job_spec, production_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -39,21 +37,8 @@ def world(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def service(make_pg_database, redis_url: str, s3, world, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    url = make_pg_database()
-    db.upgrade(url)
-    bucket = s3.make_bucket("helip-faults")
-    run = secrets.token_hex(4)
-    logs = tmp_path_factory.mktemp("fault-logs")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HELIP_")}
-    env.update(
-        PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-        HELIP_ENVIRONMENT="production", HELIP_DATABASE_URL=url, HELIP_BROKER_URL=redis_url,
-        HELIP_STORAGE_URL=f"s3://{bucket}/{run}", HELIP_S3_ENDPOINT_URL=s3.endpoint_url,
-        HELIP_S3_ACCESS_KEY=s3.access_key, HELIP_S3_SECRET_KEY=s3.secret_key, HELIP_S3_REGION="us-east-1",
-        HELIP_API_KEYS=KEY, HELIP_SECRET_KEY="faults-secret", HELIP_ALLOWED_DATA=str(world.root),
-        HELIP_DATA_DIR=str(logs / "data"), HELIP_QUEUE_NAME=f"faults-{run}", HELIP_HEARTBEAT_SECONDS="1",
-    )
-    svc = Service(env, logs)
+    svc = production_service("faults", make_pg_database=make_pg_database, redis_url=redis_url, s3=s3, world=world,
+                             tmp_path_factory=tmp_path_factory)
     yield svc
     svc.close()
 

@@ -161,24 +161,34 @@ class Service:
             time.sleep(0.25)
 
 
-@pytest.fixture(scope="module")
-def service(make_pg_database, redis_url, s3, world, tmp_path_factory) -> Iterator[Service]:
+def production_service(name: str, *, make_pg_database, redis_url: str, s3, world,
+                       tmp_path_factory: pytest.TempPathFactory, **helip: str) -> Service:
+    """The API on a fresh Postgres database (migrated first, as in production), the session's Redis and an S3
+    store in a bucket of its own; jobs may read the world; `helip` adds or overrides HELIP_* settings."""
     url = make_pg_database()
-    db.upgrade(url)  # production mode: the schema is migrated before the services start
-    bucket = s3.make_bucket("helip-e2e")
+    db.upgrade(url)
+    bucket = s3.make_bucket(f"helip-{name}")
     run = secrets.token_hex(4)
-    logs = tmp_path_factory.mktemp("e2e-logs")
+    logs = tmp_path_factory.mktemp(f"{name}-logs")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HELIP_")}
     env.update(
         PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
         HELIP_ENVIRONMENT="production", HELIP_DATABASE_URL=url, HELIP_BROKER_URL=redis_url,
         HELIP_STORAGE_URL=f"s3://{bucket}/{run}", HELIP_S3_ENDPOINT_URL=s3.endpoint_url,
-        HELIP_S3_ACCESS_KEY=s3.access_key, HELIP_S3_SECRET_KEY=s3.secret_key, HELIP_API_KEYS=KEY,
-        HELIP_SECRET_KEY="e2e-secret", HELIP_ALLOWED_DATA=str(world.root), HELIP_DATA_DIR=str(logs / "data"),
+        HELIP_S3_ACCESS_KEY=s3.access_key, HELIP_S3_SECRET_KEY=s3.secret_key, HELIP_S3_REGION="us-east-1",
+        HELIP_API_KEYS=KEY, HELIP_SECRET_KEY=f"{name}-secret", HELIP_ALLOWED_DATA=str(world.root),
+        HELIP_DATA_DIR=str(logs / "data"),
         # a queue of our own: other tests' messages on the shared Redis never reach these workers
-        HELIP_QUEUE_NAME=f"e2e-{run}", HELIP_HEARTBEAT_SECONDS="1",
+        HELIP_QUEUE_NAME=f"{name}-{run}", HELIP_HEARTBEAT_SECONDS="1",
     )
-    svc = Service(env, logs)
+    env.update(helip)  # after the defaults: a setting given here overrides them
+    return Service(env, logs)
+
+
+@pytest.fixture(scope="module")
+def service(make_pg_database, redis_url, s3, world, tmp_path_factory) -> Iterator[Service]:
+    svc = production_service("e2e", make_pg_database=make_pg_database, redis_url=redis_url, s3=s3, world=world,
+                             tmp_path_factory=tmp_path_factory)
     yield svc
     svc.close()
 

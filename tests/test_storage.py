@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +14,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from helip import db
 from helip.tables import Artifact, Checkpoint, EvalResult, Event, Job, StepMetric
-from tests.test_service_e2e import FINISHED, KEY, Service, job_spec
+from tests.test_service_e2e import FINISHED, KEY, Service, job_spec, production_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -37,22 +34,10 @@ def world(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def service(make_pg_database, redis_url: str, s3, world, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    url = make_pg_database()
-    db.upgrade(url)
-    bucket = s3.make_bucket("helip-storage")
-    run = secrets.token_hex(4)
-    logs = tmp_path_factory.mktemp("storage-logs")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HELIP_")}
-    env.update(
-        PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-        HELIP_ENVIRONMENT="production", HELIP_DATABASE_URL=url, HELIP_BROKER_URL=redis_url,
-        HELIP_STORAGE_URL=f"s3://{bucket}/{run}", HELIP_S3_ENDPOINT_URL=s3.endpoint_url,
-        HELIP_S3_ACCESS_KEY=s3.access_key, HELIP_S3_SECRET_KEY=s3.secret_key, HELIP_S3_REGION="us-east-1",
-        HELIP_API_KEYS=f"{KEY},{OTHER_KEY}", HELIP_SECRET_KEY="storage-secret", HELIP_ALLOWED_DATA=str(world.root),
-        HELIP_DATA_DIR=str(logs / "data"), HELIP_QUEUE_NAME=f"storage-{run}", HELIP_HEARTBEAT_SECONDS="1",
-        HELIP_MAX_ACTIVE_JOBS_PER_KEY=str(QUOTA), HELIP_STORE_REAP_SECONDS="2",
-    )
-    svc = Service(env, logs)
+    svc = production_service("storage", make_pg_database=make_pg_database, redis_url=redis_url, s3=s3, world=world,
+                             tmp_path_factory=tmp_path_factory, HELIP_API_KEYS=f"{KEY},{OTHER_KEY}",
+                             HELIP_MAX_ACTIVE_JOBS_PER_KEY=str(QUOTA), HELIP_STORE_REAP_SECONDS="2")
+    bucket, _, run = svc.env["HELIP_STORAGE_URL"].removeprefix("s3://").partition("/")
     svc.bucket, svc.prefix = bucket, run  # type: ignore[attr-defined]
     yield svc
     svc.close()

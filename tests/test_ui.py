@@ -144,7 +144,8 @@ def use_key(browser, service: Service, key: str, hash_: str) -> None:
     field.send_keys(key)
     browser.execute_script("document.getElementById('main').dataset.route = '';")
     browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
-    assert browser.execute_script("return sessionStorage.getItem('helip.apiKey')") == key
+    # the click's handler runs asynchronously: wait for it (an immediate read raced it on a loaded machine)
+    wait_for(browser, f"sessionStorage.getItem('helip.apiKey') === {json.dumps(key)}", what="the key stored")
     wait_for(browser, f"document.getElementById('main').dataset.route === {json.dumps(hash_)}", what=hash_)
 
 
