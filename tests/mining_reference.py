@@ -14,7 +14,7 @@ def pair_scores_reference(
     duplicate_threshold: float = 0.98,
     clamp_negative: bool = True,
 ) -> np.ndarray:
-    """[N, N] float64 scores with loops over pairs, straight from HELIP.md (tests only).
+    """[N, N] float64 scores with loops over pairs, as docs/spec.md ("The method's decisions") defines them (tests only).
 
     -1 marks an entry that can never be a hard pair: the same caption, or the pair itself.
     """
