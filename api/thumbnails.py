@@ -1,8 +1,11 @@
 """A job's training rows for the dashboard: its index rebuilt through the job's location checks, thumbnails.
 
 The index is the one the job built: the same `data` fields of its stored spec, read by the same
-`core.data.build_index` through the same `Access` (settings.access()). Nothing in a request names a
+`core.index.build_index` through the same `Access` (settings.access()). Nothing in a request names a
 location: a request gives a job id and a row number, and only rows of that index are ever read.
+
+Only torch-free modules are used here (core.index, core.decoding, core.io): the API process never imports
+torch (tests/test_ui_api.py serves a thumbnail in a fresh process and checks).
 """
 
 from __future__ import annotations
@@ -10,13 +13,12 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from api.job_data import Lru
-
-if TYPE_CHECKING:  # core.data imports torch: loaded on the first thumbnail or caption, never at startup
-    from core.data import PairIndex
-    from core.io import Access
+from core.decoding import load_image
+from core.index import PairIndex, build_index
+from core.io import Access
 
 THUMB_CACHE_BYTES = 32 * 1024**2
 
@@ -45,8 +47,6 @@ class Indexes:
 
 
 def build_job_index(spec: dict[str, Any], access: Access) -> PairIndex:
-    from core.data import build_index
-
     d = spec["data"]
     # the stored spec is resolved (every field filled in); a field a later version added takes its default
     options = {k: d[k] for k in ("csv_img_key", "csv_caption_key", "csv_separator", "max_caption_chars") if k in d}
@@ -54,9 +54,7 @@ def build_job_index(spec: dict[str, Any], access: Access) -> PairIndex:
 
 
 def render_thumbnail(index: PairIndex, row: int, access: Access, size: int) -> bytes:
-    """The row's image scaled to fit size x size, as JPEG; core.data.BadSample when it cannot be read."""
-    from core.data import load_image
-
+    """The row's image scaled to fit size x size, as JPEG; core.decoding.BadSample when it cannot be read."""
     image = load_image(index, row, access, draft_size=2 * size)
     image.thumbnail((size, size))
     out = io.BytesIO()

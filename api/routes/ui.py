@@ -21,6 +21,7 @@ from api.errors import ApiError, not_found
 from api.job_data import Embeddings, JobData, MinedTable, key_crc
 from api.routes.jobs import ERRORS, INT64_MAX, _owned
 from api.thumbnails import Indexes, ThumbnailCache, render_thumbnail
+from core.decoding import BadSample
 from core.errors import HelipError
 from helip import crud
 
@@ -262,8 +263,6 @@ def thumbnail(job_id: str, row: Row, request: Request, session: SessionDep, owne
 
 
 def _render(dash: Dashboard, session, store, job, row: int, size: int, settings) -> bytes:  # noqa: ANN001
-    from core.data import BadSample
-
     try:
         index = dash.indexes.get(job.id, job.spec, settings.access())
     except HelipError as exc:
