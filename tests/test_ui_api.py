@@ -1,12 +1,15 @@
 """The dashboard's endpoints over a real Postgres and a mined job: hard-pair rows against a slow reference,
-thumbnails (owner only, rows of the job's own index only, never outside its allowed data), /docs offline."""
+thumbnails (owner only, rows of the job's own index only, never outside its allowed data, never loading torch),
+/docs offline."""
 
 from __future__ import annotations
 
-import hashlib
 import io
+import os
 import re
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -312,43 +315,29 @@ def test_docs_and_the_dashboard_load_with_no_other_host(client: TestClient):
     assert uplot.status_code == 200 and "uPlot" in uplot.text
 
 
-class _RemoteStore:
-    """A store that has no local paths (like S3): files are fetched with get_file."""
+# A fresh API process (no test module has imported torch into it) serves a thumbnail and a hard-pair row (the
+# job's index, its captions), then says which torch-bound modules it holds.
+SERVE_AND_LIST = """
+import sys
+from fastapi.testclient import TestClient
+from api.main import create_app
+from helip.settings import Settings
+job, key = sys.argv[1], sys.argv[2]
+with TestClient(create_app(Settings(_env_file=None))) as c:
+    for url in (f"/jobs/{job}/thumbnails/3?size=32", f"/jobs/{job}/hard-pairs/3"):
+        r = c.get(url, headers={"Authorization": "Bearer " + key})
+        assert r.status_code == 200, (url, r.status_code, r.text)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "open_clip")))
+"""
 
-    def __init__(self, files: dict[str, bytes]):
-        self.files = files
-        self.fetched: list[str] = []
 
-    def local_path(self, key: str) -> None:
-        return None
-
-    def get_file(self, key: str, dest: Path) -> Path:
-        self.fetched.append(key)
-        dest.write_bytes(self.files[key])
-        return dest
-
-
-def test_the_dashboards_caches_are_bounded(tmp_path: Path):
-    from api.job_data import LocalCopies
-    from api.thumbnails import ThumbnailCache
-
-    files = {f"jobs/j/{n}.bin": bytes([n]) * 400 for n in range(4)}
-    store = _RemoteStore({**files, "jobs/j/big.bin": b"x" * 2000})
-    copies = LocalCopies(tmp_path / "cache", max_bytes=1000)
-    sha = {k: hashlib.sha256(v).hexdigest() for k, v in store.files.items()}
-    for key in list(files)[:2]:
-        assert copies.path(store, key, sha[key], 400).read_bytes() == files[key]
-    assert copies.path(store, "jobs/j/0.bin", sha["jobs/j/0.bin"], 400) is not None
-    assert store.fetched == ["jobs/j/0.bin", "jobs/j/1.bin"]  # the second ask for 0 came from the disk copy
-    copies.path(store, "jobs/j/2.bin", sha["jobs/j/2.bin"], 400)  # 1200 > 1000: the least recently used goes
-    kept = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(kept) == 2 and f"{sha['jobs/j/1.bin']}.bin" not in kept
-    assert copies.path(store, "jobs/j/big.bin", sha["jobs/j/big.bin"], 2000) is None  # larger than the cache
-    assert "jobs/j/big.bin" not in store.fetched
-
-    thumbs = ThumbnailCache(max_bytes=100)
-    for row in range(5):
-        thumbs.put(("job", row, 64), bytes(30))
-    assert thumbs.size_bytes <= 100 and thumbs.get(("job", 0, 64)) is None and thumbs.get(("job", 4, 64)) is not None
-    thumbs.put(("job", 9, 64), bytes(101))  # larger than the whole cache: not kept
-    assert thumbs.get(("job", 9, 64)) is None
+def test_serving_thumbnails_never_imports_torch(settings: Settings, mined, tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELIP_")}
+    env.update(HELIP_DATA_DIR=str(tmp_path), HELIP_DATABASE_URL=settings.database_url or "",
+               HELIP_BROKER_URL=settings.broker_url or "", HELIP_STORAGE_URL=settings.storage_url or "",
+               HELIP_ALLOWED_DATA=settings.allowed_data or "", HELIP_API_KEYS=f"{KEY},{OTHER}", HELIP_SECRET_KEY="s",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    done = subprocess.run([sys.executable, "-c", SERVE_AND_LIST, mined["id"], KEY], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
