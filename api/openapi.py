@@ -10,6 +10,7 @@ RENAMED = {
     "job_events": "list_job_events",
     "job_checkpoints": "list_job_checkpoints",
     "job_hard_pairs": "get_job_hard_pairs",
+    "job_guard": "get_job_guard",
     "job_webhook_deliveries": "list_job_webhook_deliveries",
     "download": "download_file",
     "healthz": "get_health",

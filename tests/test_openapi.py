@@ -26,6 +26,7 @@ EXPECTED_IDS = {
     ("post", "/jobs/{job_id}/cancel"): "cancel_job", ("get", "/jobs/{job_id}/metrics"): "get_job_metrics",
     ("get", "/jobs/{job_id}/events"): "list_job_events", ("get", "/jobs/{job_id}/checkpoints"): "list_job_checkpoints",
     ("get", "/jobs/{job_id}/hard-pairs"): "get_job_hard_pairs", ("get", "/files/{token}"): "download_file",
+    ("get", "/jobs/{job_id}/guard"): "get_job_guard",
     ("get", "/healthz"): "get_health", ("get", "/readyz"): "get_readiness",
 }
 FASTAPI_OWN = {"HTTPValidationError", "ValidationError"}  # FastAPI's default 422 shapes, not ours

@@ -1,5 +1,6 @@
 """The dashboard: its static page (/ui), Swagger UI served from the package (/docs), and its JSON endpoints:
-the hard-pair browser's picks and rows, and thumbnails of a job's own training images."""
+the hard-pair browser's picks and rows, thumbnails of a job's own training images, and (api.routes.guard) the
+forgetting guard's curves."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, Field
 from api.deps import OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.errors import ApiError, not_found
 from api.job_data import Embeddings, JobData, MinedTable, key_crc
+from api.routes import guard
 from api.routes.jobs import ERRORS, INT64_MAX, _owned
 from api.thumbnails import Indexes, ThumbnailCache, render_thumbnail
 from core.decoding import BadSample
@@ -133,6 +135,7 @@ def install(app: FastAPI, data_dir: Path) -> None:
     """The page routes, the static files, the JSON endpoints, and the app's dashboard caches (nothing opened yet)."""
     app.state.dashboard = Dashboard(data_dir)
     app.include_router(router)
+    app.include_router(guard.router)
     app.include_router(pages)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
 
