@@ -1,6 +1,6 @@
 """The dashboard in a real browser (headless Debian chromium + chromedriver, driven by Selenium) against a real
-uvicorn API and a real Celery worker on Postgres, Redis and S3: list, job page, hard-pair browser, isolation,
-live progress.
+uvicorn API and a real Celery worker on Postgres, Redis and S3: list, job page, the forgetting guard's section,
+hard-pair browser, isolation, live progress. The browser and the page helpers: tests/ui_browser.py.
 
 HELIP_UI_SCREENSHOTS=DIR saves the three pages' screenshots there (docs/img/ holds the ones from such a run).
 """
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,50 +21,21 @@ import pytest
 
 from helip import db
 from tests.test_service_e2e import FINISHED, ROOT, Service, job_spec, world  # noqa: F401 - world is a fixture
+from tests.ui_browser import (  # noqa: F401 - browser is a fixture
+    browser,
+    goto,
+    guard_pixels,
+    metrics_json,
+    shot,
+    use_key,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 KEY, OTHER = "key-e2e", "key-ui-other"  # Service's client sends KEY
 MINUS = "\u2212"
-
-
-def ensure_chromium() -> tuple[str, str]:
-    """Debian's chromium and chromedriver, installed with apt-get when missing (as tests/services.py does for
-    Postgres and Redis); a skip with the reason when they cannot be."""
-    found = shutil.which("chromium"), shutil.which("chromedriver")
-    if all(found):
-        return found  # type: ignore[return-value]
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium and chromium-driver are not installed and apt-get cannot run here (not root)")
-    for cmd in (["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
-                ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if done.returncode == 0 and cmd[1] == "install":
-            break
-    found = shutil.which("chromium"), shutil.which("chromedriver")
-    if not all(found):
-        pytest.skip(f"apt-get could not install chromium and chromium-driver: {done.stderr[-500:]}")
-    return found  # type: ignore[return-value]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
-
-    chromium, driver_path = ensure_chromium()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1366,900",
-                "--disable-gpu", "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                # no host but loopback resolves: every page must work offline, from its own assets
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=DriverService(executable_path=driver_path))
-    driver.set_script_timeout(30)
-    yield driver
-    driver.quit()
+GUARDED = "retrieval/image_retrieval_recall@5"  # the finished job's protected metric
 
 
 @pytest.fixture(scope="module")
@@ -95,58 +65,12 @@ def service(make_pg_database, redis_url, s3, world, tmp_path_factory) -> Iterato
 def finished(service: Service, world) -> dict[str, Any]:  # noqa: F811
     spec = job_spec(world, steps=12, checkpoint_every=6)
     spec["control"] = True  # both runs' curves on the same axes, and both lifts
+    # the guard's section on the job page (one more interpolation than its ends: three evaluations in all)
+    spec["guard"] = {"wise_alphas": [0.5], "objective": "shapes/acc1", "protect": {GUARDED: 0.02}}
     job_id = service.submit(spec)
     job = service.wait(job_id, lambda j: j["status"] in FINISHED, timeout=600, workers=[service.worker])
     assert job["status"] == "succeeded", json.dumps(job)[:3000]
     return job
-
-
-def shot(browser, name: str) -> None:
-    """The whole page (the window made as tall as the page, up to 2400 px) into HELIP_UI_SCREENSHOTS."""
-    where = os.environ.get("HELIP_UI_SCREENSHOTS")
-    if where:
-        Path(where).mkdir(parents=True, exist_ok=True)
-        height = browser.execute_script("return document.documentElement.scrollHeight")
-        browser.set_window_size(1366, min(max(int(height) + 120, 900), 2400))
-        time.sleep(0.3)
-        browser.save_screenshot(str(Path(where) / name))
-        browser.set_window_size(1366, 900)
-
-
-def wait_for(browser, script: str, timeout: float = 60, what: str = "") -> Any:
-    """Run `script` (a JS expression) until it is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = browser.execute_script(f"return ({script});")
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            main = browser.execute_script("const m = document.getElementById('main'); "
-                                          "return [location.hash, m.dataset.route, m.innerText.slice(0, 1500)];")
-            raise AssertionError(f"timed out waiting for {what or script}; page: {main}")
-        time.sleep(0.2)
-
-
-def goto(browser, service: Service, hash_: str) -> None:
-    """Open a view and wait until it is the one rendered (a hash change alone does not reload the page)."""
-    browser.execute_script("const m = document.getElementById('main'); if (m) m.dataset.route = '';")
-    browser.get(f"{service.base}/ui/{hash_}")
-    wait_for(browser, f"document.getElementById('main').dataset.route === {json.dumps(hash_)}", what=hash_)
-
-
-def use_key(browser, service: Service, key: str, hash_: str) -> None:
-    """Open the page and enter the key in its form (it stays in sessionStorage for this tab)."""
-    from selenium.webdriver.common.by import By
-
-    browser.get(f"{service.base}/ui/{hash_}")
-    field = browser.find_element(By.ID, "api-key")
-    field.clear()
-    field.send_keys(key)
-    browser.execute_script("document.getElementById('main').dataset.route = '';")
-    browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
-    # the click's handler runs asynchronously: wait for it (an immediate read raced it on a loaded machine)
-    wait_for(browser, f"sessionStorage.getItem('helip.apiKey') === {json.dumps(key)}", what="the key stored")
-    wait_for(browser, f"document.getElementById('main').dataset.route === {json.dumps(hash_)}", what=hash_)
 
 
 def test_the_list_shows_the_finished_job(browser, service: Service, finished):
@@ -199,15 +123,6 @@ def test_local_use_needs_no_key(browser, world, tmp_path: Path):  # noqa: F811
         local.close()
 
 
-def metrics_json(service: Service, s3, job_id: str) -> dict[str, Any]:
-    obj = s3.client().get_object(service.bucket, f"{service.prefix}/jobs/{job_id}/metrics.json")
-    try:
-        return json.loads(obj.read())
-    finally:
-        obj.close()
-        obj.release_conn()
-
-
 def test_the_job_page_draws_curves_and_the_lift_table_of_metrics_json(browser, service: Service, finished, s3):
     job_id = finished["id"]
     use_key(browser, service, KEY, f"#/jobs/{job_id}")
@@ -253,6 +168,38 @@ def test_the_job_page_draws_curves_and_the_lift_table_of_metrics_json(browser, s
     assert stages == ["queued", "embedding", "mining", "training", "evaluating"]
     links = browser.execute_script("return [...document.querySelectorAll('#checkpoints a')].map(a => a.href)")
     assert len(links) >= 2 and httpx.get(links[0], timeout=30).status_code == 200  # presigned: no key needed
+
+
+def test_the_job_page_shows_the_guards_curves_and_selection_of_metrics_json(browser, service: Service, finished, s3):
+    job_id = finished["id"]
+    use_key(browser, service, KEY, f"#/jobs/{job_id}")
+    wait_for(browser, "document.querySelectorAll('#guard-charts canvas').length === 2", what="the two guard charts")
+    for axis in ("step", "alpha"):
+        counts = guard_pixels(browser, axis)
+        assert counts["objective"] > 50 and counts["protected"] > 50, (axis, counts)
+    doc = metrics_json(service, s3, job_id)
+    sel, guard = doc["selected"], doc["guard"]
+    api = service.http.get(f"/jobs/{job_id}/guard").json()
+    assert api["selected"] == sel and [w["alpha"] for w in api["wise"]] == [0.0, 0.5, 1.0]
+    line = browser.execute_script("return document.getElementById('guard-selected').innerText")
+    source = browser.execute_script("return document.getElementById('guard-selected').dataset.source")
+    assert source == sel["source"] and f"step {sel['step']}" in line
+    if sel["source"] == "wise":
+        assert f"alpha {sel['alpha']:g}" in line
+    shown = browser.execute_script("return Object.fromEntries([...document.querySelectorAll('#guard-selected "
+                                   "[data-key]')].map(s => [s.dataset.key, s.innerText]))")
+    ds, metric = GUARDED.split("/")
+    bound = guard["input"]["metrics"][ds][metric] - 0.02
+    assert shown["objective"].startswith("objective shapes/acc1 ") and shown[GUARDED].startswith(f"{GUARDED} ")
+    numbers = {k: [float(x) for x in re.findall(r"-?\d+\.\d{4}", v)] for k, v in shown.items()}
+    # four decimals of metrics.json's numbers (half a unit of the last digit: JS and Python round ties apart)
+    assert numbers["objective"] == pytest.approx([sel["objective"]], abs=5.1e-5)
+    assert numbers[GUARDED] == pytest.approx([sel["metrics"][ds][metric], bound, guard["input"]["metrics"][ds][metric]],
+                                             abs=5.1e-5)
+    assert sel["objective"] == sel["metrics"]["shapes"]["acc1"]
+    labels = browser.execute_script("return [...document.querySelectorAll('#guard-charts canvas')]"
+                                    ".map(c => c.getAttribute('aria-label'))")
+    assert all("objective shapes/acc1" in a and GUARDED in a for a in labels), labels
     shot(browser, "ui-job.png")
 
 
@@ -301,7 +248,7 @@ def test_another_keys_job_is_not_reachable(browser, service: Service, finished):
     assert job_id not in browser.execute_script("return document.getElementById('jobs-table').innerText")
     other = httpx.Client(base_url=service.base, headers={"Authorization": f"Bearer {OTHER}"}, timeout=30)
     for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/hard-pairs/0", f"/jobs/{job_id}/thumbnails/0",
-                 f"/jobs/{job_id}/metrics"):
+                 f"/jobs/{job_id}/metrics", f"/jobs/{job_id}/guard"):
         assert other.get(path).status_code == 404, path
 
 
@@ -315,6 +262,9 @@ def test_a_running_jobs_progress_advances_on_the_page(browser, service: Service,
     first = wait_for(browser, f"{step_of} > 0", what="a step in the progress text")
     first = browser.execute_script(f"return {step_of}")
     points = browser.execute_script("return document.querySelectorAll('#charts canvas').length")
+    # a spec without a guard: no guard section at all (no heading, no empty chart), and the API says why
+    assert browser.execute_script("return document.getElementById('guard') === null")
+    assert service.http.get(f"/jobs/{job_id}/guard").json()["error"]["code"] == "no_guard"
     browser.execute_script("window.__sameDocument = 1")
     wait_for(browser, f"{step_of} > {first} + 2", timeout=120, what="the step to advance")
     assert browser.execute_script("return window.__sameDocument") == 1  # advanced without a reload

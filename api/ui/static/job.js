@@ -1,4 +1,5 @@
-// helip dashboard: one job's page (timeline, live progress, loss curves, eval table, events, checkpoints).
+// helip dashboard: one job's page (timeline, live progress, loss curves, eval table, events, checkpoints;
+// the forgetting guard's section is guard.js).
 "use strict";
 
 (function () {
@@ -208,8 +209,11 @@
     const eventsBox = el("div", { id: "events-box", class: "scroll" });
     const ckBox = el("div", { id: "checkpoints-box" }, checkpointsView(cks));
     const chartBox = el("div", { id: "charts", class: "charts" });
+    const guardBox = H.guardSection(view, id, st.job); // null without a guard in the spec: nothing shown
     H.render(`Job ${id}`, head, progress, el("h2", {}, "Stages"), tl, el("h2", {}, "Training curves (HELIP and control)"), chartBox,
-      el("h2", {}, "Evaluation"), evalBox, el("h2", {}, "Checkpoints"), ckBox, el("h2", {}, "Events"), eventsBox);
+      el("h2", {}, "Evaluation"), evalBox, ...(guardBox ? [guardBox] : []), el("h2", {}, "Checkpoints"), ckBox,
+      el("h2", {}, "Events"), eventsBox);
+    if (guardBox) guardBox.load(st.job);
     let plots = drawCharts(chartBox, st.steps), layout = layoutOf(st.steps), stepsDrawn = st.steps.length;
 
     let headSig = null, eventsShown = -1;
@@ -254,6 +258,7 @@
         if (wasActive && !H.ACTIVE.has(st.job.status)) {
           const fresh = await H.api(`/jobs/${encodeURIComponent(id)}/checkpoints`).catch(() => ({ data: [] }));
           ckBox.replaceChildren(checkpointsView(fresh));
+          if (guardBox) guardBox.load(st.job);
         }
       } catch (e) {
         if (e.status === 404 && view.alive) return H.renderError(e, "Job");
