@@ -90,17 +90,18 @@ def goto(browser, service: Service, hash_: str) -> None:
 
 
 def use_key(browser, service: Service, key: str, hash_: str) -> None:
-    """Open the page and enter the key in its form (it stays in sessionStorage for this tab)."""
+    """Open the page in a fresh document and enter the key in its form (it stays in sessionStorage for this
+    tab, across documents)."""
     from selenium.webdriver.common.by import By
 
-    # From another view of the same page, get() is only a hash change: its view is rendered asynchronously,
-    # and rendered after the key's own rendering it would replace what a test then types. Wait for it first.
-    browser.execute_script("const m = document.getElementById('main'); if (m) m.dataset.route = '';")
+    # From another view of the same page, get() alone is a hash change: that view renders asynchronously,
+    # possibly after the key's own rendering, and over what a test then types. A fresh document has begun
+    # its first view before get() returns, so the key's view replaces it.
+    browser.get("about:blank")
     browser.get(f"{service.base}/ui/{hash_}")
-    wait_for(browser, f"document.getElementById('main').dataset.route === {json.dumps(hash_)}", what=hash_)
     field = browser.find_element(By.ID, "api-key")
-    field.clear()
-    field.send_keys(key)
+    # set rather than typed: a view that finishes rendering moves the focus to its title, away from the field
+    browser.execute_script("arguments[0].value = arguments[1];", field, key)
     browser.execute_script("document.getElementById('main').dataset.route = '';")
     browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
     # the click's handler runs asynchronously: wait for it (an immediate read raced it on a loaded machine)
