@@ -91,7 +91,8 @@ class StageCache:
 
     def fetch(self, kind: str, key: str, dest: Path) -> bool:
         """Copy the entry's data to `dest` after checking it against meta.json; False when there is none.
-        CorruptEntry (after deleting it) when it does not match."""
+        CorruptEntry (after deleting it) when it does not match; StorageError when the store fails (an
+        entry deleted by the cache round between the check and the download is one: the caller computes)."""
         prefix = entry_prefix(kind, key)
         if not self.store.exists(f"{prefix}/{META}"):
             return False
@@ -101,9 +102,9 @@ class StageCache:
             if not isinstance(meta, dict) or meta.get("kind") != kind or meta.get("key") != key:
                 raise CorruptEntry("meta.json names another entry")
             self.store.get_file(f"{prefix}/data.{EXTENSIONS[kind]}", dest)
-        except (ValueError, StorageError) as exc:
+        except ValueError as exc:  # meta.json is not JSON (a StorageError is raised as it is: the store failed)
             self.delete(kind, key)
-            raise CorruptEntry(f"unreadable ({str(exc)[:200]})") from None
+            raise CorruptEntry(f"meta.json unreadable ({str(exc)[:200]})") from None
         except CorruptEntry:
             self.delete(kind, key)
             raise

@@ -241,3 +241,21 @@ def test_the_cache_round_keeps_entries_in_use_and_bounds_age_and_size(tmp_path):
     assert store.exists("jobs/j1/embeddings.npz")
     # nothing beyond the bounds: a second round removes nothing
     assert not reap_cache(store, max_age_seconds=30 * day, max_bytes=1150, in_use_seconds=3600, now=now)
+
+
+class VanishingStore(FileStore):
+    """An entry deleted (by the cache round of another worker) between the lookup and the download."""
+
+    def get_file(self, key, dest):
+        if key.startswith(f"{CACHE_DIR}/"):
+            self.delete_prefix(key.rsplit("/", 1)[0])
+        return super().get_file(key, dest)
+
+
+def test_an_entry_that_vanishes_mid_lookup_is_computed_and_never_fails_the_job(world, tmp_path):
+    mine(world, tmp_path / "a", FileStore(tmp_path / "store", retries=0))
+    rep, s = mine(world, tmp_path / "b", VanishingStore(tmp_path / "store", retries=0))
+    assert actions(rep) == [(EMBEDDINGS, "error"), (EMBEDDINGS, "write"), (HARD_PAIRS, "error"), (HARD_PAIRS, "write")]
+    assert s["cache"]["cached"] == []
+    _, s = mine(world, tmp_path / "c", FileStore(tmp_path / "store", retries=0))  # written again, whole
+    assert s["cache"]["cached"] == [EMBEDDINGS, HARD_PAIRS]

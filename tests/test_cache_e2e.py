@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,8 +75,11 @@ def run(service: Service, body: dict[str, Any], key: str = KEY) -> tuple[dict[st
     r = service.http.post("/jobs", json=body, headers=headers)
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
-    job = service.wait(job_id, lambda j: j["status"] in FINISHED, timeout=400,
-                       workers=[service.worker])  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 400
+    while (job := service.http.get(f"/jobs/{job_id}", headers=headers).json())["status"] not in FINISHED:
+        worker = service.worker  # type: ignore[attr-defined]
+        assert worker.poll() is None and time.monotonic() < deadline, service.log_tail("cache-worker")
+        time.sleep(0.25)
     page = service.http.get(f"/jobs/{job_id}/events", params={"limit": 1000}, headers=headers).json()
     return job, page["data"]
 
@@ -83,6 +87,21 @@ def run(service: Service, body: dict[str, Any], key: str = KEY) -> tuple[dict[st
 def cache_actions(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(e["data"]["cache"]["stage"], e["data"]["cache"]["action"]) for e in events
             if isinstance(e.get("data"), dict) and "stage" in e["data"].get("cache", {})]
+
+
+def cache_objects(service: Service, s3) -> dict[str, bytes]:
+    """Every object under the store's cache/ prefix, with its content."""
+    bucket, _, run = service.env["HELIP_STORAGE_URL"].removeprefix("s3://").partition("/")
+    client = s3.client()
+    out = {}
+    for o in client.list_objects(bucket, prefix=f"{run}/cache/", recursive=True):
+        resp = client.get_object(bucket, o.object_name)
+        try:
+            out[o.object_name] = resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+    return out
 
 
 def table(service: Service, job_id: str, key: str = KEY) -> tuple[bytes, Any]:
@@ -93,7 +112,7 @@ def table(service: Service, job_id: str, key: str = KEY) -> tuple[bytes, Any]:
 
 
 def test_a_seed_sweep_reuses_a_top_k_change_remines_and_another_key_reuses_only_what_it_may_read(
-        service: Service, world, copies, capsys):
+        service: Service, world, copies, s3, capsys):
     first, ev1 = run(service, spec(world, world.train_csv, seed=11))
     assert first["status"] == "succeeded", json.dumps(first)[:2000]
     assert cache_actions(ev1) == [("embeddings", "miss"), ("embeddings", "write"), ("hard_pairs", "miss"),
@@ -135,11 +154,15 @@ def test_a_seed_sweep_reuses_a_top_k_change_remines_and_another_key_reuses_only_
     assert table(service, own["id"], OTHER_KEY)[1].equals(t1)
 
     # key B, a CSV of its own naming images it may not read: refused before the cache is reached
+    before = cache_objects(service, s3)
+    assert sum(k.endswith("/meta.json") for k in before) == 3  # one embeddings entry, tables for top_k 8 and 6
     r = service.http.post("/jobs", json=spec(world, copies["forbidden"], seed=5),
                           headers={"Authorization": f"Bearer {OTHER_KEY}"})
     assert r.status_code == 422 and "data.train" in r.text, r.text
     reaching, ev5 = run(service, spec(world, copies["reaching"], seed=5), key=OTHER_KEY)
     assert reaching["status"] == "failed", json.dumps(reaching)[:2000]
     assert reaching["error"]["param"] == "data.train" and "allowed" in reaching["error"]["message"]
-    assert cache_actions(ev5) == [] and not any("cache" in e["message"] for e in ev5)
+    assert [e["message"] for e in ev5][:-1] == ["attempt 1 started", "job spec resolved"]  # nothing between
+    assert cache_actions(ev5) == []
+    assert cache_objects(service, s3) == before  # no entry looked up (used.json untouched) or written
     assert reaching["result"] is None
