@@ -5,9 +5,9 @@ Three `core.pipeline.run_job(..., mine_only=True)` runs on the same synthetic wo
 - first: the cache on and empty: keys computed (every training file hashed), embedded, mined, written;
 - second: another train seed, the same inputs: both stages from the cache (a file store, as the embedded
   defaults use; an S3 store adds the transfer of the two files).
-A first run, not recorded, warms the process up. It prints each run's embedding and mining stage times (core.pipeline's own timings: the embedding stage
-includes loading the model and indexing the data), the wall time, and the ratios second / first and
-first / off (the cost of the keys on a miss).
+A first run, not recorded, warms the process up. It prints each run's embedding and mining stage times
+(core.pipeline's own timings: the embedding stage includes loading the model and indexing the data),
+the wall time, and the ratios second / first and first / off (the cost of the keys on a miss).
 
     python -m bench.cache                 # CPU, the tiny ViT, 2000 pairs
     python -m bench.cache --n 8000 --device cuda --model ViT-B-32
