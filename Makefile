@@ -30,7 +30,7 @@ demo: env
 	$(VENV)/bin/helip demo
 
 # The CPU benchmarks (docs/benchmarks.md): `make bench BENCH=mining` for one, BENCH_ARGS passed to each.
-BENCH ?= step mining data e2e jobpath
+BENCH ?= step mining data e2e jobpath cache
 bench: env
 	@set -e; for b in $(BENCH); do echo "[helip] bench.$$b"; $(VENV)/bin/python -m bench.$$b $(BENCH_ARGS); done
 

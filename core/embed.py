@@ -17,6 +17,10 @@ from core.models import LoadedModel
 from core.progress import Reporter, Stage
 from core.train import resolve_precision
 
+# The layout of embeddings.npz (arrays, dtypes): part of every cached entry's key (core.cache), so bump it
+# whenever save_embeddings writes something an older load_embeddings would misread.
+EMBEDDINGS_FORMAT = 1
+
 
 @dataclass
 class EmbeddedPairs:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from core import layout
+from core.cache import EMBEDDINGS, HARD_PAIRS, BlobStore, JobCache, check_pairs
 from core.data import PairIndex, build_index
 from core.embed import embed_pairs, load_embeddings, save_embeddings
 from core.errors import DataError, SpecError
@@ -182,11 +183,12 @@ def _train(plan: RunPlan, spec: JobSpec, index: PairIndex, neighbors, tokens, ac
 
 def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None, reporter: Reporter,
             device: str | None = None, mine_only: bool = False, cpu_processes: int = 1,
-            weights_cache: Path | None = None) -> JobResult:
+            weights_cache: Path | None = None, cache: BlobStore | None = None) -> JobResult:
     """Run the whole job (or only embedding + mining) and write its artifacts under `workdir`.
 
     `cpu_processes`: DDP processes on a CPU-only machine when the spec does not say; `weights_cache`: where
-    open_clip's tagged weights are cached (both from helip's Settings, given by the caller).
+    open_clip's tagged weights are cached (both from helip's Settings, given by the caller); `cache`: the store
+    that holds cached embeddings and hard pairs (core.cache; used unless mining.cache is false).
     """
     spec = resolve_spec(spec)
     access = access or Access()
@@ -207,21 +209,33 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
 
     reporter.stage(Stage.EMBEDDING)
     emb_path = workdir / layout.EMBEDDINGS
+    pairs_path = workdir / layout.HARD_PAIRS
     cached = load_embeddings(emb_path, len(index))
     self_miner = spec.mining.encoder == "self"
+    # Reached only now, after the model and every data location passed this job's access checks.
+    jc = JobCache(cache, reporter, enabled=spec.mining.cache)
+    miner = None
+    if jc.active and not pairs_path.exists():
+        miner = _miner(spec, loaded, access, dev, workdir, weights_cache)
+        jc.key_embeddings(spec, miner, index, access, dev)
+    if cached is not None:
+        jc.restored(EMBEDDINGS)
+        reporter.event("embeddings restored from a previous attempt")
+    else:
+        cached = jc.fetch(EMBEDDINGS, emb_path, lambda p: load_embeddings(p, len(index)))
     if cached is not None:
         emb, valid = cached
         for row in np.flatnonzero(~valid & index.valid_mask()):
             index.mark_bad(int(row), "unreadable image (found while embedding)")
-        reporter.event("embeddings restored from a previous attempt")
     else:
-        miner = _miner(spec, loaded, access, dev, workdir, weights_cache)
+        miner = miner or _miner(spec, loaded, access, dev, workdir, weights_cache)
         emb = embed_pairs(miner, index, access, device=dev, batch_size=spec.mining.batch_size,
                           workers=spec.data.workers, precision=spec.train.precision, reporter=reporter)
         save_embeddings(emb_path, emb, index.valid_mask())
         reporter.event(f"embedded {emb.report['pairs']} pairs at {emb.report['pairs_per_second']:.0f}/s",
                        data=emb.report)
-        del miner
+        jc.put(EMBEDDINGS, emb_path)
+    del miner
     # The miner's tokens are the trainer's only when the miner is the model itself.
     tokens = emb.tokens if self_miner else None
     timings["embedding"] = time.perf_counter() - t0
@@ -229,20 +243,24 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
 
     reporter.stage(Stage.MINING)
     t1 = time.perf_counter()
-    pairs_path = workdir / layout.HARD_PAIRS
     if pairs_path.exists():
         mined, _ = read_hard_pairs(pairs_path)
+        jc.restored(HARD_PAIRS)
         reporter.event("hard pairs restored from a previous attempt")
+    elif (hit := jc.fetch(HARD_PAIRS, pairs_path, lambda p: check_pairs(*read_hard_pairs(p), index))) is not None:
+        mined = hit
     else:
         mined = _mine(spec, emb.text, emb.image, index.valid_mask(), dev, reporter)
         write_hard_pairs(pairs_path, mined, index.keys)
         reporter.event(f"mined {spec.mining.top_k} hard pairs for {int(index.valid_mask().sum())} pairs "
                        f"({spec.mining.method})", data=mined.report)
+        jc.put(HARD_PAIRS, pairs_path)
     timings["mining"] = time.perf_counter() - t1
     artifacts: dict[str, Path] = {"hard_pairs": pairs_path}
     del emb
     if mine_only:
-        return JobResult(metrics={}, artifacts=artifacts, summary={"timings": timings, "mining": mined.report})
+        return JobResult(metrics={}, artifacts=artifacts,
+                         summary={"timings": timings, "mining": mined.report, "cache": jc.summary()})
 
     steps = plan_steps(int(index.valid_mask().sum()), spec)
     every = _eval_every(spec, steps, access)
@@ -283,7 +301,7 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     # the lift (boosted minus baseline and minus control) is what a job is for: on the job itself, so a list
     # of jobs or a webhook shows it without a second request; the full metrics are in metrics.json and /metrics
     summary = {"timings": timings, "steps": steps, "mining": mined.report, "data": index.report(),
-               "seed": spec.train.seed, "lift": doc["lift"], "eval_every": every}
+               "seed": spec.train.seed, "lift": doc["lift"], "eval_every": every, "cache": jc.summary()}
     (workdir / layout.SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
     reporter.event("job finished", data=summary)
     return JobResult(metrics=metrics, artifacts=artifacts, summary=summary)

@@ -81,6 +81,11 @@ class MiningSpec(Strict):
     recall_sample: int = Field(default=1000, ge=0, le=1_000_000, description="fast: random queries mined exactly too, to "
                                "measure and report recall@top_k (0: not measured)")
     batch_size: int = Field(default=256, ge=1, le=MAX_BATCH, description="embedding batch size")
+    cache: bool = Field(
+        default=True,
+        description="reuse embeddings and hard pairs an earlier job computed from the same model weights, data "
+        "content and mining options (kept in the service's store), and store this job's for later ones; false: "
+        "embed and mine afresh and store nothing (the job's events and result.summary.cache say what was reused)")
     candidates: None = Field(default=None, exclude=True, description="removed: use `probe` and `list_size`")
     reference_size: None = Field(default=None, exclude=True, description="removed: the fast miner uses every row")
 

@@ -77,6 +77,16 @@ class Settings(BaseSettings):
     store_reap_seconds: float = Field(
         default=600.0, gt=0,
         description="how often each worker's reaper lists the store for objects no row accounts for")
+    cache_max_age_days: float = Field(
+        default=30.0, gt=0, le=36500,
+        description="the store round deletes cached embeddings / hard pairs (cache/) no job used for this long")
+    cache_max_bytes: int | None = Field(
+        default=None, ge=0,
+        description="bound on the cache's size: the least recently used entries are deleted beyond it (none: "
+                    "only the age bound)")
+    cache_in_use_seconds: float = Field(
+        default=3600.0, gt=0,
+        description="a cache entry a job looked up or wrote this recently is in use: never deleted by the store round")
     cpu_processes: int = Field(
         default=1, ge=1, le=64, description="DDP processes for a job on a machine without GPUs (train.devices unset)")
     weights_cache: Path | None = Field(

@@ -64,7 +64,7 @@ def _reaper_loop(settings: Settings) -> None:
     from helip import db
     from helip.store import store_from_settings
     from worker.reaper import reap
-    from worker.retention import reap_store
+    from worker.retention import reap_cache, reap_store
 
     # Its own engine, not helip.db's process-wide one: children forked later must not inherit pooled
     # connections from the parent (two processes on one socket corrupt the protocol).
@@ -81,9 +81,14 @@ def _reaper_loop(settings: Settings) -> None:
                 log.warning("reaper: %s", report)
             if time.monotonic() >= next_store_round:
                 next_store_round = time.monotonic() + settings.store_reap_seconds
-                removed = reap_store(sessions, store_from_settings(settings))
+                store = store_from_settings(settings)
+                removed = reap_store(sessions, store)
                 if removed:
                     log.warning("store reaper: %s", removed)
+                cache = reap_cache(store, max_age_seconds=settings.cache_max_age_days * 86400,
+                                   max_bytes=settings.cache_max_bytes, in_use_seconds=settings.cache_in_use_seconds)
+                if cache:
+                    log.warning("cache reaper: %s", cache)
         except Exception:  # the reaper must outlive a database or store hiccup; it retries next round
             log.exception("reaper round failed")
         finally:

@@ -1,6 +1,9 @@
 """What a job keeps in the store: training-state keys, pruning states beyond `train.keep_states`, and the
 store reaper that removes what a crash left behind (objects of deleted jobs, unrecorded or surplus states).
 
+The cache of embeddings and hard pairs (core.cache, `cache/` next to `jobs/`) has its own round, reap_cache:
+entries past an age or beyond a size bound go, least recently used first, never one a job used recently.
+
 A state lives alone under its own key prefix (`jobs/<id>/states/<run>/<step>/state.pt`), so deleting it is
 one `Store.delete_prefix` call. The order is always: the newer state is uploaded and its row committed,
 then each older object is deleted, then its row. A crash between two of these leaves either a surplus row
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import StorageError
 from helip import crud
 from helip.store import Store, job_key
 from helip.tables import FINISHED_STATUSES
@@ -123,4 +127,73 @@ def reap_store(sessions: sessionmaker[Session], store: Store) -> StoreReapReport
             if key.startswith(states) and key not in recorded:
                 store.delete_prefix(key.rsplit("/", 1)[0])
                 report.unrecorded_states.append(key)
+    return report
+
+
+@dataclass
+class CacheReapReport:
+    """What one cache round removed (entry prefixes `cache/<kind>/<key>`) and what the cache holds after it."""
+
+    expired: list[str] = field(default_factory=list)  # unused for longer than the age bound
+    evicted: list[str] = field(default_factory=list)  # least recently used, beyond the size bound
+    incomplete: list[str] = field(default_factory=list)  # no readable meta.json and not written recently
+    kept_bytes: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.expired or self.evicted or self.incomplete)
+
+
+def _json_or_none(store: Store, key: str) -> dict | None:
+    import json
+
+    try:
+        doc = json.loads(store.get_bytes(key))
+    except (StorageError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def reap_cache(store: Store, *, max_age_seconds: float, max_bytes: int | None, in_use_seconds: float,
+               now: float | None = None) -> CacheReapReport:
+    """One pass over core.cache's entries: drop incomplete ones, those unused past the age bound, then the least
+    recently used until the rest fits `max_bytes`. An entry used (looked up or written) within `in_use_seconds`
+    is never touched: a job may be downloading it. (A job whose entry vanishes mid-download recomputes.)"""
+    from core.cache import CACHE_DIR, META, USED
+
+    now = time.time() if now is None else now
+    report = CacheReapReport()
+    entries: dict[str, set[str]] = {}
+    for key in store.list_keys(f"{CACHE_DIR}/"):
+        prefix, _, name = key.rpartition("/")
+        if prefix.count("/") == 2:  # cache/<kind>/<key>/<file>
+            entries.setdefault(prefix, set()).add(name)
+    live: list[tuple[float, int, str]] = []  # (last used, bytes, prefix)
+    for prefix, names in entries.items():
+        meta = _json_or_none(store, f"{prefix}/{META}") if META in names else None
+        used = _json_or_none(store, f"{prefix}/{USED}") if USED in names else None
+        times = [float(d[f]) for d, f in ((meta, "created"), (used, "at"))
+                 if d is not None and isinstance(d.get(f), (int, float))]
+        last = max(times) if times else None
+        if last is not None and now - last < in_use_seconds:
+            live.append((last, int(meta.get("size", 0)) if meta else 0, prefix))
+            continue
+        if meta is None or not isinstance(meta.get("size"), int):
+            store.delete_prefix(prefix)
+            report.incomplete.append(prefix)
+        elif last is None or now - last > max_age_seconds:
+            store.delete_prefix(prefix)
+            report.expired.append(prefix)
+        else:
+            live.append((last, meta["size"], prefix))
+    total = sum(size for _, size, _ in live)
+    if max_bytes is not None:
+        for last, size, prefix in sorted(live):
+            if total <= max_bytes:
+                break
+            if now - last < in_use_seconds:
+                continue
+            store.delete_prefix(prefix)
+            report.evicted.append(prefix)
+            total -= size
+    report.kept_bytes = total
     return report

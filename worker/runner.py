@@ -98,8 +98,9 @@ def execute_job(
             reporter.event(f"restored {len(restored)} file(s) saved by an earlier attempt",
                            data={"files": restored,
                                  "resumed_steps": {f["run"]: f["step"] for f in restored if "run" in f}})
+        # The store also holds the embeddings / hard-pairs cache (core.cache; cache/ next to jobs/).
         result = (pipeline or _default_pipeline)(spec, workdir, access=settings.access(), reporter=reporter,
-                                                 device=device, **pipeline_options(settings))
+                                                 device=device, cache=store, **pipeline_options(settings))
         if lease.lost.is_set():
             return _lost(job_id)
         files.sync()
