@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from core import io as dio
-from core.decoding import MAX_IMAGE_BYTES, BadSample, decode_image, load_image
+from core.decoding import MAX_IMAGE_BYTES, BadSample, decode_image, load_image, read_grouped
 from core.errors import DataError, LocationError
 from core.index import PairIndex
 
@@ -35,9 +35,20 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.index) if self.rows is None else len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = int(i) if self.rows is None else int(self.rows[i])
+        return self._sample(int(i) if self.rows is None else int(self.rows[i]))
+
+    def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
+        """A whole batch (the DataLoader calls this when it exists): the rows of one shard that lie close
+        together are read with one range request (core.decoding.read_grouped), not one each."""
+        rows = [int(i) if self.rows is None else int(self.rows[i]) for i in positions]
+        data = read_grouped(self.index, rows, self.access)
+        return [self._sample(r, data[r]) for r in rows]
+
+    def _sample(self, row: int, data: bytes | BadSample | None = None) -> dict[str, Any]:
+        if isinstance(data, BadSample):
+            return {"bad": (row, data.reason)}
         try:
-            image = load_image(self.index, row, self.access, draft_size=self.draft_size)
+            image = load_image(self.index, row, self.access, draft_size=self.draft_size, data=data)
         except BadSample as exc:
             return {"bad": (row, exc.reason)}
         if self.tokens is not None:
