@@ -205,6 +205,46 @@ def sampler_seconds_per_batch(workdir: Path, args: argparse.Namespace) -> float:
     return (time.perf_counter() - t0) / max(n, 1)
 
 
+def read_requests(train: str, workdir: Path, args: argparse.Namespace, batches: int = 10) -> tuple[float, float]:
+    """Range requests per sample for the job's own hard-pair batches: grouped (PairDataset.__getitems__, what
+    the job's DataLoader calls) and row by row (one request per sample)."""
+    from core import decoding
+    from core.data import PairDataset, build_index
+    from core.io import Access
+    from core.mining import read_hard_pairs
+    from core.sampler import HardPairBatchSampler
+
+    index = build_index(train, access=Access())
+    mined, _keys = read_hard_pairs(workdir / "hard_pairs.parquet")
+    sampler = HardPairBatchSampler(np.asarray(mined.neighbors), targets_per_batch=args.batch // 4, hard_per_target=3,
+                                   sample_from=50, seed=0)
+    ds = PairDataset(index, Access(), lambda im: im, lambda texts: torch.zeros(len(texts), 1))
+    calls = [0]
+    real = decoding.dio.read_range
+
+    def counting(*a: Any, **kw: Any) -> bytes:
+        calls[0] += 1
+        return real(*a, **kw)
+
+    decoding.dio.read_range = counting  # type: ignore[assignment]
+    try:
+        grouped = single = samples = 0
+        for i, batch in enumerate(sampler):
+            if i >= batches:
+                break
+            calls[0] = 0
+            ds.__getitems__(list(batch))
+            grouped += calls[0]
+            calls[0] = 0
+            for r in batch:
+                ds[r]
+            single += calls[0]
+            samples += len(batch)
+    finally:
+        decoding.dio.read_range = real  # type: ignore[assignment]
+    return grouped / max(samples, 1), single / max(samples, 1)
+
+
 def open_clip_trainer(train_csv: Path, args: argparse.Namespace, tmp: Path) -> float:
     """open_clip_train.main's plain fine-tune on the same images (a CSV of steps x batch rows): its samples/s."""
     rows = train_csv.read_text().splitlines()
@@ -278,6 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overlap = mining_overlap(feat_t, feat_i, args.device)
     step = bare_step(loaded, images, texts, args)
     sampler = sampler_seconds_per_batch(job["workdir"], args)
+    grouped, single = read_requests(shards, job["workdir"], args)
     step_ref = "bare compiled step" if args.compile else "bare step"
     rows = [
         {"what": "embedding stage (images/s)", "job": job["embed_images_per_s"], "reference": enc,
@@ -292,6 +333,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows += [
         {"what": "sampler share of a step", "job": sampler, "reference": job["step_seconds"],
          "reference is": "seconds per job step", "ratio": sampler / job["step_seconds"]},
+        {"what": "range requests per sample", "job": grouped, "reference": single,
+         "reference is": "one request per sample", "ratio": grouped / single},
         {"what": "mining top-50 overlap, float16 vs float32", "job": overlap, "reference": 1.0,
          "reference is": f"float32 exact on {len(feat_t)} check pairs", "ratio": overlap},
     ]

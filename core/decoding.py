@@ -140,3 +140,17 @@ def read_grouped(index: PairIndex, rows: list[int], access: dio.Access, *,
             except BadSample as exc:
                 out[m] = exc
     return out
+
+
+def jpeg_or_none(data: bytes) -> bytes | None:
+    """`data` when it is a JPEG the device decodes as the CPU would (RGB or greyscale, within the pixel
+    limit); None sends it to the CPU decoder (PNG, CMYK JPEG, anything odd: that path says what is wrong)."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:  # the header only
+            w, h = im.size
+            ok = im.mode in ("RGB", "L") and 0 < w * h <= MAX_IMAGE_PIXELS
+    except Exception:
+        return None
+    return data if ok else None

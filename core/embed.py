@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from core.data import PairDataset, PairIndex, collate_pairs
+from core.device_decode import batch_to_device, input_pipeline
 from core.io import Access
-from core.loading import close_loader, device_transform, make_loader
+from core.loading import close_loader, make_loader
 from core.models import LoadedModel
 from core.progress import Reporter, Stage
 from core.train import resolve_precision
@@ -41,35 +42,34 @@ FLUSH_BYTES = 256 << 20
 @torch.no_grad()
 def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device: torch.device,
                 batch_size: int, workers: int, precision: str = "auto",
-                reporter: Reporter | None = None, uint8: bool | None = None) -> EmbeddedPairs:
+                reporter: Reporter | None = None, uint8: bool | None = None, decode: str = "auto") -> EmbeddedPairs:
     """Embed every valid row; undecodable images are marked bad in the index. `uint8`: images cross to the
-    device as uint8 and are normalised there (default: on a GPU)."""
+    device as uint8 and are normalised there (default: on a GPU); `decode`: data.decode (core.device_decode)."""
     model: Any = loaded.model.to(device)  # an open_clip CLIP: encode_image / encode_text
     was_training = model.training
     model.eval()
     dtype = resolve_precision(precision, device)
     rows = np.flatnonzero(index.valid_mask())
-    transform, normalize = device_transform(loaded.preprocess_val, device, uint8=uint8)
-    dataset = PairDataset(index, access, transform, loaded.tokenizer, rows=rows)
+    transform, normalize, decoder = input_pipeline(loaded.preprocess_val, device, decode, uint8=uint8)
+    dataset = PairDataset(index, access, transform, loaded.tokenizer, rows=rows, jpeg_passthrough=decoder is not None)
     loader = make_loader(dataset, workers=workers, device=device, batch_size=batch_size,
                          collate_fn=collate_pairs, shuffle=False)
     out = _Features(len(index), device)
     done, t0 = 0, time.perf_counter()
     try:
         for batch in loader:
-            for row, reason in batch["bad_rows"]:
+            n_batch = len(batch["rows"]) + len(batch["bad_rows"])
+            images, texts, kept, bad_rows = batch_to_device(batch, device, normalize, decoder)
+            for row, reason in bad_rows:
                 index.mark_bad(int(row), reason)
-            if len(batch["rows"]) == 0:
+            done += n_batch
+            if len(kept) == 0:
                 continue
-            images = batch["images"].to(device, non_blocking=True)
-            if normalize is not None:
-                images = normalize(images)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 img = model.encode_image(images)
-                txt = model.encode_text(batch["texts"].to(device, non_blocking=True))
-            out.add(batch["rows"].numpy(), torch.nn.functional.normalize(txt.float(), dim=-1),
-                    torch.nn.functional.normalize(img.float(), dim=-1), batch["texts"].numpy())
-            done += len(batch["rows"]) + len(batch["bad_rows"])
+                txt = model.encode_text(texts)
+            out.add(kept.numpy(), torch.nn.functional.normalize(txt.float(), dim=-1),
+                    torch.nn.functional.normalize(img.float(), dim=-1), _host_tokens(batch, kept))
             if reporter is not None:
                 reporter.progress(Stage.EMBEDDING, done, len(rows))
         out.flush()
@@ -85,6 +85,13 @@ def embed_pairs(loaded: LoadedModel, index: PairIndex, access: Access, *, device
     return EmbeddedPairs(out.text, out.image, out.tokens,
                          {"pairs": int(len(rows)), "seconds": seconds, "pairs_per_second": len(rows) / max(seconds, 1e-9),
                           "dtype": np.dtype(EMBEDDING_DTYPE).name})
+
+
+def _host_tokens(batch: dict[str, Any], kept: torch.Tensor) -> np.ndarray:
+    """The kept rows' tokens from the batch's host copy (reading them back from the device would wait)."""
+    rows = batch["rows"].numpy()
+    tokens = batch["texts"].numpy()
+    return tokens if len(kept) == len(rows) else tokens[np.isin(rows, kept.numpy())]
 
 
 class _Features:

@@ -239,7 +239,8 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     else:
         miner = _miner(spec, loaded, access, dev, workdir, weights_cache)
         emb = embed_pairs(miner, index, access, device=dev, batch_size=spec.mining.batch_size,
-                          workers=_workers(spec, dev), precision=spec.train.precision, reporter=reporter)
+                          workers=_workers(spec, dev), precision=spec.train.precision, reporter=reporter,
+                          decode=spec.data.decode)
         save_embeddings(emb_path, emb, index.valid_mask())
         reporter.event(f"embedded {emb.report['pairs']} pairs at {emb.report['pairs_per_second']:.0f}/s",
                        data=emb.report)

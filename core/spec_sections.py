@@ -57,6 +57,13 @@ class DataSpec(Strict):
         description="The job fails when more than this fraction of samples is corrupt or missing.",
     )
     max_caption_chars: int = Field(default=10_000, ge=1, le=1_000_000, description="Longer captions count as bad samples.")
+    decode: Literal["auto", "cpu", "device"] = Field(
+        default="auto",
+        description="Where JPEG images are decoded for embedding and training: `device` decodes each batch on the "
+                    "job's device (nvJPEG on a GPU) with the model's resize and crop there, the workers only read "
+                    "bytes; `cpu` decodes in the workers; `auto`: `device` on a GPU, `cpu` otherwise. Other formats "
+                    "are always decoded by the workers.",
+    )
     workers: int | None = Field(
         default=None, ge=0, le=64,
         description="DataLoader worker processes per training process (default: the host's cores divided among the "

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from core.data import PairDataset, PairIndex, collate_pairs
+from core.device_decode import batch_to_device, input_pipeline
 from core.errors import DataError, JobCancelled, SpecError
 from core.evaluate import evaluate
 from core.families import model_family
 from core.guard import StepKeeper
 from core.io import Access
 from core.layout import eval_cache_path, final_path, state_path
-from core.loading import close_loader, default_workers, device_transform, make_loader, ssl_transform
+from core.loading import close_loader, default_workers, make_loader, ssl_transform
 from core.losses import HelipLoss, SimCLRLoss
 from core.models import LoadedModel, load_state, prepare_for_training, save_checkpoint, unwrap
 from core.progress import Reporter
@@ -162,9 +163,10 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
     if len(sampler) == 0:
         raise DataError("not enough usable pairs for one batch", param="train.batch_size")
     clip_tf = loaded.preprocess_train
-    transform, normalize = device_transform(
-        ssl_transform(clip_tf, loaded.preprocess_val, unwrap(loaded.model)) if ssl_fn else clip_tf, device)
-    dataset = PairDataset(index, access, transform, loaded.tokenizer, tokens=tokens)
+    transform, normalize, decoder = input_pipeline(
+        ssl_transform(clip_tf, loaded.preprocess_val, unwrap(loaded.model)) if ssl_fn else clip_tf, device,
+        spec.data.decode)
+    dataset = PairDataset(index, access, transform, loaded.tokenizer, tokens=tokens, jpeg_passthrough=decoder is not None)
     workers = spec.data.workers if spec.data.workers is not None else default_workers(device, world_size)
     # One loader for the whole run: its workers live across epochs (the sampler is told the epoch before
     # each pass and is iterated in this process, so a resumed or new epoch needs no new workers).
@@ -207,7 +209,8 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
                    f"({plan.group} per target) on {world_size} process(es), {device.type}",
                    data={"run": plan.run, "steps": plan.total_steps, "batch_size": plan.batch_size,
                          "hard_per_target": plan.hard_per_target, "warmup_steps": warmup, "data_workers": workers,
-                         "compiled": fwd_model is not model, "uint8_transfer": normalize is not None})
+                         "compiled": fwd_model is not model, "uint8_transfer": normalize is not None,
+                         "decode": "device" if decoder is not None else "workers"})
     cancel_flag = torch.zeros(1, device=device if device.type == "cuda" else "cpu")
     seen, window_t, window_n = 0, time.perf_counter(), 0
     window = LossWindow()
@@ -217,17 +220,13 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
             sampler.set_epoch(epoch, start_batch)
             batch_in_epoch = start_batch
             for batch in loader:
-                images = batch["images"].to(device, non_blocking=True)
-                if normalize is not None:
-                    images = normalize(images)
-                texts = batch["texts"].to(device, non_blocking=True)
-                rows = batch["rows"]
-                if batch["bad_rows"]:
-                    bad_seen += len(batch["bad_rows"])
-                    reporter.event(f"{plan.run}: {len(batch['bad_rows'])} unreadable image(s) left out of a batch",
-                                   level="warning", data={"rows": [r for r, _ in batch["bad_rows"]][:20]})
+                images, texts, rows, bad_rows = batch_to_device(batch, device, normalize, decoder)
+                if bad_rows:
+                    bad_seen += len(bad_rows)
+                    reporter.event(f"{plan.run}: {len(bad_rows)} unreadable image(s) left out of a batch",
+                                   level="warning", data={"rows": [r for r, _ in bad_rows][:20]})
                 mask = None
-                if hard_table is not None and not batch["bad_rows"]:
+                if hard_table is not None and not bad_rows:
                     mask = hard_pair_mask(rows.to(device, non_blocking=True), hard_table, plan.group, h.sample_from)
                 slices = micro_slices(len(rows), t.accum_steps, plan.group)
 
