@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from core import io as dio
-from core.decoding import MAX_IMAGE_BYTES, BadSample, decode_image, load_image
+from core.decoding import MAX_IMAGE_BYTES, BadSample, decode_image, jpeg_or_none, load_image, read_grouped
 from core.errors import DataError, LocationError
 from core.index import PairIndex
 
@@ -24,8 +24,10 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, index: PairIndex, access: dio.Access, transform: Callable[[Image.Image], torch.Tensor],
                  tokenizer: Callable[[list[str]], torch.Tensor], *, rows: np.ndarray | None = None,
-                 draft_size: int | None = None, tokens: np.ndarray | None = None):
+                 draft_size: int | None = None, tokens: np.ndarray | None = None, jpeg_passthrough: bool = False):
         self.index, self.access, self.transform, self.tokenizer = index, access, transform, tokenizer
+        # JPEGs leave as their bytes, to be decoded on the device (core.device_decode); the rest is decoded here.
+        self.jpeg_passthrough = jpeg_passthrough
         # Captions tokenized once (by the embedding pass) spare the BPE tokenizer on every training step.
         self.tokens = tokens
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
@@ -35,16 +37,32 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.index) if self.rows is None else len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = int(i) if self.rows is None else int(self.rows[i])
+        return self._sample(int(i) if self.rows is None else int(self.rows[i]))
+
+    def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
+        """A whole batch (the DataLoader calls this when it exists): the rows of one shard that lie close
+        together are read with one range request (core.decoding.read_grouped), not one each."""
+        rows = [int(i) if self.rows is None else int(self.rows[i]) for i in positions]
+        data = read_grouped(self.index, rows, self.access)
+        return [self._sample(r, data[r]) for r in rows]
+
+    def _sample(self, row: int, data: bytes | BadSample | None = None) -> dict[str, Any]:
+        if self.jpeg_passthrough and data is None:
+            data = read_grouped(self.index, [row], self.access)[row]
+        if isinstance(data, BadSample):
+            return {"bad": (row, data.reason)}
+        if self.jpeg_passthrough and data is not None and jpeg_or_none(data) is not None:
+            return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "text": self._text(row), "row": row}
         try:
-            image = load_image(self.index, row, self.access, draft_size=self.draft_size)
+            image = load_image(self.index, row, self.access, draft_size=self.draft_size, data=data)
         except BadSample as exc:
             return {"bad": (row, exc.reason)}
+        return {"image": self.transform(image), "text": self._text(row), "row": row}
+
+    def _text(self, row: int) -> torch.Tensor:
         if self.tokens is not None:
-            text = torch.from_numpy(self.tokens[row].astype(np.int64))
-        else:
-            text = self.tokenizer([self.index.captions[row]])[0]
-        return {"image": self.transform(image), "text": text, "row": row}
+            return torch.from_numpy(self.tokens[row].astype(np.int64))
+        return self.tokenizer([self.index.captions[row]])[0]
 
 
 def collate_pairs(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -55,12 +73,18 @@ def collate_pairs(batch: list[dict[str, Any]]) -> dict[str, Any]:
     if not good:
         return {"images": torch.empty(0), "texts": torch.empty(0, dtype=torch.long),
                 "rows": torch.empty(0, dtype=torch.long), "bad_rows": bad}
-    return {
-        "images": torch.stack([s["image"] for s in good]),
+    decoded = [s["image"] for s in good if "image" in s]
+    out = {
+        "images": torch.stack(decoded) if decoded else torch.empty(0),
         "texts": torch.stack([torch.as_tensor(s["text"], dtype=torch.long) for s in good]),
         "rows": torch.tensor([s["row"] for s in good], dtype=torch.long),
         "bad_rows": bad,
     }
+    if len(decoded) < len(good):  # JPEG bytes for the device (core.device_decode.assemble), with positions
+        out["jpegs"] = [s["jpeg"] for s in good if "jpeg" in s]
+        out["jpeg_pos"] = [i for i, s in enumerate(good) if "jpeg" in s]
+        out["image_pos"] = [i for i, s in enumerate(good) if "image" in s]
+    return out
 
 
 def read_image_folder(root: str, access: dio.Access, *, param: str) -> tuple[list[tuple[str, int]], list[str]]:

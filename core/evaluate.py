@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from core.data import ImageListDataset, PairDataset, build_index, collate_images, collate_pairs, read_image_folder
 from core.errors import DataError, SpecError
+from core.loading import device_transform
 from core.metrics import linear_probe_metrics, retrieval_metrics, zeroshot_metrics
 from core.progress import Reporter
 
@@ -98,27 +99,30 @@ def _unpack(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor, int]:
 
 @torch.no_grad()
 def encode_images(model, loader: Iterable, device, *, precision: str = "fp32",
-                  progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  progress: Callable[[int], None] | None = None,
+                  normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised image features [N, D] (CPU, float32) and the batches' labels (or rows) [N].
 
     `loader` yields `collate_pairs` dicts (rows come back), `collate_images` dicts or (images,
     labels) tuples; batches with no readable image are skipped. `progress(n)` is told how many
-    items each batch consumed, bad ones included.
+    items each batch consumed, bad ones included. `normalize`: applied on the device to uint8 images
+    (core.loading.DeviceNormalize). Features stay on the device until the end (one wait, not one a batch).
     """
     device = torch.device(device)
     feats, labels = [], []
     for batch in loader:
         images, ids, n_bad = _unpack(batch)
         if images is not None and len(ids):
+            images = images.to(device, non_blocking=True)
             with _autocast(device, precision):
-                f = model.encode_image(images.to(device, non_blocking=True))
-            feats.append(F.normalize(f.float(), dim=-1).cpu())
+                f = model.encode_image(normalize(images) if normalize is not None else images)
+            feats.append(F.normalize(f.float(), dim=-1))
             labels.append(ids)
         if progress is not None:
             progress(len(ids) + n_bad)
     if not feats:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats).cpu(), torch.cat(labels)
 
 
 @dataclass
@@ -134,8 +138,13 @@ class _Evaluator:
     """Holds what every data set shares (model, transform, loader settings, progress) for one evaluate() call."""
 
     def __init__(self, model, preprocess, tokenizer, *, access, device, batch_size, workers, precision, reporter):
-        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.access, self.device = access, torch.device(device)
+        # On a GPU the workers hand over uint8 images and the device normalises them.
+        self.preprocess: Any = preprocess
+        self.normalize: Any = None
+        if preprocess is not None:
+            self.preprocess, self.normalize = device_transform(preprocess, self.device)
         self.batch_size, self.workers, self.precision = batch_size, workers, precision
         self.reporter: Reporter | None = reporter
         self.done, self.total = 0, 0
@@ -147,7 +156,8 @@ class _Evaluator:
 
     def loader(self, dataset, collate) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate,
-                          shuffle=False, pin_memory=self.device.type == "cuda")
+                          shuffle=False, pin_memory=self.device.type == "cuda",
+                          prefetch_factor=4 if self.workers else None)
 
     def folder_features(self, items: list[tuple[str, int]], root: str, param: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Encode a listed ImageFolder: (features, labels, n_bad)."""
@@ -155,7 +165,7 @@ class _Evaluator:
         labels = [int(c) for _, c in items]
         dataset = ImageListDataset(locations, labels, self.access, self.preprocess)
         feats, ys = encode_images(self.model, self.loader(dataset, collate_images), self.device,
-                                  precision=self.precision, progress=self.tick)
+                                  precision=self.precision, progress=self.tick, normalize=self.normalize)
         if len(ys) == 0:
             raise DataError(f"no image of {root} could be read ({len(items)} listed)", param=param)
         return feats, ys, len(items) - len(ys)
@@ -208,7 +218,8 @@ class _Evaluator:
                 raise DataError(f"no readable pair in {r.data} ({len(index.keys)} rows)", param=param)
             dataset = PairDataset(index, self.access, self.preprocess, self.tokenizer, rows=first_row)
             img_feats, img_rows = encode_images(self.model, self.loader(dataset, collate_pairs), self.device,
-                                                precision=self.precision, progress=self.tick)
+                                                precision=self.precision, progress=self.tick,
+                                                normalize=self.normalize)
             if len(img_rows) == 0:
                 raise DataError(f"no image of {r.data} could be read ({len(first_row)} images)", param=param)
             # Image position of each group whose image was read; -1 where it was unreadable.

@@ -6,10 +6,12 @@ previous attempt left in `workdir` (embeddings, hard pairs, training states, eva
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from core.evaluate import eval_size, evaluate
 from core.guard import SELECTED_RUN, StepKeeper, judge, plot_curves, select, wise_state
 from core.io import Access
 from core.layout import final_path
+from core.loading import default_workers
 from core.mining import MinedPairs, read_hard_pairs, write_hard_pairs
 from core.mining.embeddings import mine_arrays
 from core.models import LoadedModel, load_model, load_state, model_from_spec, save_checkpoint
@@ -94,17 +97,36 @@ def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: 
 
 def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray, device,
           reporter: Reporter) -> MinedPairs:
-    return mine_arrays(text, image, spec.mining, valid=valid, device=device, seed=int(spec.train.seed or 0),
-                       progress=lambda done, total: reporter.progress(Stage.MINING, done, total))
+    """The embeddings are float16 (core.embed): on a GPU the products run in it, accumulated in float32."""
+    with fp32_accumulation():
+        return mine_arrays(text, image, spec.mining, valid=valid, device=device, seed=int(spec.train.seed or 0),
+                           progress=lambda done, total: reporter.progress(Stage.MINING, done, total))
 
 
-def _evaluate(name: str, loaded: LoadedModel, spec: JobSpec, access: Access, device, workdir: Path,
+@contextlib.contextmanager
+def fp32_accumulation() -> Iterator[None]:
+    """Half-precision matmuls accumulate in float32 (cuBLAS may otherwise reduce in half precision)."""
+    flag = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = flag
+
+
+def _workers(spec: JobSpec, device) -> int:
+    """data.workers, or the default for one process on this host (core.loading.default_workers)."""
+    return spec.data.workers if spec.data.workers is not None else default_workers(torch.device(device))
+
+
+def _evaluate(name: str, loaded: LoadedModel | None, spec: JobSpec, access: Access, device, workdir: Path,
               reporter: Reporter, *, report: bool = True) -> dict[str, dict[str, float]]:
     cache = layout.eval_cache_path(workdir, name)
     if cache.exists():
         return json.loads(cache.read_text())
+    assert loaded is not None, f"{name}: no cached evaluation and no model"
     res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, spec.eval, access=access,
-                   device=device, batch_size=spec.eval.batch_size, workers=spec.data.workers,
+                   device=device, batch_size=spec.eval.batch_size, workers=_workers(spec, device),
                    precision=spec.train.precision, reporter=reporter)
     for ds, vals in res.items() if report else ():
         reporter.eval_result(name, ds, vals)
@@ -230,7 +252,8 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     else:
         miner = miner or _miner(spec, loaded, access, dev, workdir, weights_cache)
         emb = embed_pairs(miner, index, access, device=dev, batch_size=spec.mining.batch_size,
-                          workers=spec.data.workers, precision=spec.train.precision, reporter=reporter)
+                          workers=_workers(spec, dev), precision=spec.train.precision, reporter=reporter,
+                          decode=spec.data.decode)
         save_embeddings(emb_path, emb, index.valid_mask())
         reporter.event(f"embedded {emb.report['pairs']} pairs at {emb.report['pairs_per_second']:.0f}/s",
                        data=emb.report)
@@ -264,11 +287,13 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
 
     steps = plan_steps(int(index.valid_mask().sum()), spec)
     every = _eval_every(spec, steps, access)
-    runs = [RunPlan("helip", spec.helip.hard_per_target, steps, spec.train.batch_size, every)]
+    # Each run evaluates its final weights while they are in memory (eval_final), and the input model is
+    # evaluated now, while it is loaded: the evaluation stage then reloads nothing. The baseline comes
+    # first too because it is the reference of every curve the training stage shows.
+    runs = [RunPlan("helip", spec.helip.hard_per_target, steps, spec.train.batch_size, every, eval_final=True)]
     if spec.control:
-        runs.append(RunPlan("control", 0, steps, spec.train.batch_size, every))
-    if every or spec.guard is not None:  # the input model's results, the reference of every curve: before
-        _evaluate("baseline", loaded, spec, access, dev, workdir, reporter)  # the training stage shows
+        runs.append(RunPlan("control", 0, steps, spec.train.batch_size, every, eval_final=True))
+    _evaluate("baseline", loaded, spec, access, dev, workdir, reporter)
     del loaded
     reporter.stage(Stage.TRAINING)
     t2 = time.perf_counter()
@@ -283,6 +308,9 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     models = [("baseline", spec.model.pretrained)] + [(p.run, str(final_path(workdir, p.run))) for p in runs]
     for name, weights in models:
+        if layout.eval_cache_path(workdir, name).exists():  # evaluated when its weights were in memory
+            metrics[name] = _evaluate(name, None, spec, access, dev, workdir, reporter)
+            continue
         m = load_model(spec.model.name, config=spec.model.config, pretrained=weights,
                        access=access if name == "baseline" else Access(), device=dev,
                        cache_dir=workdir / layout.WEIGHTS_CACHE_DIR, weights_cache=weights_cache)

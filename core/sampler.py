@@ -164,19 +164,31 @@ def _zero_stats() -> dict[str, int]:
 def hard_pair_mask(rows: torch.Tensor, neighbors: np.ndarray | torch.Tensor, group_size: int,
                    sample_from: int) -> torch.Tensor:
     """bool [B, B]: mask[i, j] when i is a target position (i % group_size == 0), j is later in its group
-    and rows[j] is among the first sample_from neighbours of rows[i]. Random fills are therefore not hard."""
+    and rows[j] is among the first sample_from neighbours of rows[i]. Random fills are therefore not hard.
+
+    Built where `rows` is: pass `neighbors` as a tensor already on that device (see `mask_table`) and no
+    byte crosses to the host (no wait on the GPU in the training step)."""
     batch = rows.shape[0]
     if group_size < 1 or batch % group_size:
         raise ValueError(f"a batch of {batch} rows is not made of groups of {group_size}")
-    mask = torch.zeros(batch, batch, dtype=torch.bool)
+    dev = rows.device
+    mask = torch.zeros(batch, batch, dtype=torch.bool, device=dev)
     if group_size == 1 or batch == 0:
-        return mask.to(rows.device)
-    cpu_rows = rows.detach().to("cpu", torch.int64)
-    table = torch.as_tensor(neighbors)[:, :sample_from].to(torch.int64)
-    members = cpu_rows.view(-1, group_size)  # [groups, group_size], target first
+        return mask
+    table = mask_table(neighbors, sample_from, dev)
+    members = rows.detach().to(torch.int64).view(-1, group_size)  # [groups, group_size], target first
     lists = table[members[:, 0]]  # [groups, sample_from]
     hard = (members[:, 1:, None] == lists[:, None, :]).any(dim=-1)  # [groups, group_size - 1]
-    targets = torch.arange(0, batch, group_size)
-    cols = targets[:, None] + torch.arange(1, group_size)[None, :]
-    mask[targets[:, None].expand_as(cols)[hard], cols[hard]] = True
-    return mask.to(rows.device)
+    targets = torch.arange(0, batch, group_size, device=dev)
+    cols = targets[:, None] + torch.arange(1, group_size, device=dev)[None, :]
+    # scatter, not boolean indexing: indexing by a mask needs its count on the host
+    mask.view(-1)[(targets[:, None] * batch + cols).flatten()] = hard.flatten()
+    return mask
+
+
+def mask_table(neighbors: np.ndarray | torch.Tensor, sample_from: int, device: torch.device) -> torch.Tensor:
+    """The first `sample_from` neighbours per row as int64 on `device` (once per run, not per step)."""
+    if isinstance(neighbors, torch.Tensor) and neighbors.device == device and neighbors.dtype == torch.int64 \
+            and neighbors.shape[1] <= sample_from:
+        return neighbors
+    return torch.as_tensor(neighbors)[:, :sample_from].to(device=device, dtype=torch.int64).contiguous()

@@ -57,7 +57,19 @@ class DataSpec(Strict):
         description="The job fails when more than this fraction of samples is corrupt or missing.",
     )
     max_caption_chars: int = Field(default=10_000, ge=1, le=1_000_000, description="Longer captions count as bad samples.")
-    workers: int = Field(default=2, ge=0, le=64, description="DataLoader worker processes.")
+    decode: Literal["auto", "cpu", "device"] = Field(
+        default="auto",
+        description="Where JPEG images are decoded for embedding and training: `device` decodes each batch on the "
+                    "job's device (nvJPEG on a GPU) with the model's resize and crop there, the workers only read "
+                    "bytes; `cpu` decodes in the workers; `auto`: `device` on a GPU, `cpu` otherwise. Other formats "
+                    "are always decoded by the workers.",
+    )
+    workers: int | None = Field(
+        default=None, ge=0, le=64,
+        description="DataLoader worker processes per training process (default: the host's cores divided among the "
+                    "job's processes, minus one for each main process; at least 1, at most 16). 0 reads in the main "
+                    "process.",
+    )
 
 
 class MiningSpec(Strict):
@@ -148,7 +160,11 @@ class TrainSpec(Strict):
                     "deleted once a newer one is stored, and all of a run's states once its final weights are",
     )
     devices: int | None = Field(default=None, ge=1, le=64, description="processes for DDP (default: all GPUs, 1 on CPU)")
-    compile: bool = Field(default=False, description="torch.compile the model (GPU)")
+    compile: bool | None = Field(
+        default=None,
+        description="torch.compile the model for training (default: on a GPU, off on a CPU). When compilation "
+                    "fails, the run goes on uncompiled and says so in an event",
+    )
     log_every: int = Field(default=10, ge=1, le=NEVER, description="optimizer steps between recorded training metrics")
     lock_image: bool = Field(default=False, description="freeze the image tower (open_clip --lock-image)")
     lock_image_unlocked_groups: int = Field(

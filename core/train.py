@@ -16,21 +16,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from core.data import PairDataset, PairIndex, collate_pairs
+from core.device_decode import batch_to_device, input_pipeline
 from core.errors import DataError, JobCancelled, SpecError
 from core.evaluate import evaluate
 from core.families import model_family
 from core.guard import StepKeeper
 from core.io import Access
 from core.layout import eval_cache_path, final_path, state_path
+from core.loading import close_loader, default_workers, make_loader, ssl_transform
 from core.losses import HelipLoss, SimCLRLoss
 from core.models import LoadedModel, load_state, prepare_for_training, save_checkpoint, unwrap
 from core.progress import Reporter
-from core.sampler import HardPairBatchSampler, hard_pair_mask
+from core.sampler import HardPairBatchSampler, hard_pair_mask, mask_table
 from core.spec import JobSpec
-from core.train_step import StepLoss, micro_slices, train_step
+from core.train_step import LossWindow, StepLoss, compile_failure, micro_slices, train_step
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class RunPlan:
     total_steps: int
     batch_size: int          # global, per optimizer step
     eval_every: int = 0      # evaluate every this many steps and at the end (0: never during training)
+    eval_final: bool = False  # evaluate the final weights while they are in memory (the job's evaluation reuses it)
 
     @property
     def group(self) -> int:
@@ -100,33 +102,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-class _SslViews:
-    """Transform giving [3, C, H, W]: the CLIP view and two SimCLR views of the same image (SLIP)."""
-
-    def __init__(self, clip_transform, image_size: int, mean, std):
-        from torchvision import transforms as T
-
-        self.clip = clip_transform
-        self.aug = T.Compose([
-            T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ])
-
-    def __call__(self, img):
-        return torch.stack([self.clip(img), self.aug(img), self.aug(img)])
-
-
-def _ssl_transform(loaded: LoadedModel):
-    norm = next(t for t in loaded.preprocess_val.transforms if type(t).__name__ == "Normalize")
-    size = unwrap(loaded.model).visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return _SslViews(loaded.preprocess_train, size, norm.mean, norm.std)
-
-
 def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """{DATASET/METRIC: value} for step metrics (counts left out)."""
     return {f"{ds}/{m}": float(v) for ds, vals in results.items() for m, v in vals.items() if not m.startswith("n_")}
@@ -177,7 +152,7 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
         scaler.scale(total).backward()
 
     no_sync = model.no_sync if world_size > 1 else None
-    fwd_model = torch.compile(model) if t.compile and device.type == "cuda" else model
+    fwd_model = torch.compile(model) if (t.compile if t.compile is not None else device.type == "cuda") else model
 
     valid = index.valid_mask()
     table = neighbors if neighbors is not None else np.full((len(index), 1), -1, dtype=np.int64)
@@ -187,8 +162,16 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
         seed=t.seed, rank=rank, world_size=world_size)
     if len(sampler) == 0:
         raise DataError("not enough usable pairs for one batch", param="train.batch_size")
-    transform = _ssl_transform(loaded) if ssl_fn else loaded.preprocess_train
-    dataset = PairDataset(index, access, transform, loaded.tokenizer, tokens=tokens)
+    clip_tf = loaded.preprocess_train
+    transform, normalize, decoder = input_pipeline(
+        ssl_transform(clip_tf, loaded.preprocess_val, unwrap(loaded.model)) if ssl_fn else clip_tf, device,
+        spec.data.decode)
+    dataset = PairDataset(index, access, transform, loaded.tokenizer, tokens=tokens, jpeg_passthrough=decoder is not None)
+    workers = spec.data.workers if spec.data.workers is not None else default_workers(device, world_size)
+    # One loader for the whole run: its workers live across epochs (the sampler is told the epoch before
+    # each pass and is iterated in this process, so a resumed or new epoch needs no new workers).
+    loader = make_loader(dataset, workers=workers, device=device, batch_sampler=sampler, collate_fn=collate_pairs)
+    hard_table = mask_table(table, h.sample_from, device) if plan.hard_per_target else None
 
     step, epoch, start_batch = 0, 0, 0
     state_file = state_path(workdir, plan.run)
@@ -215,7 +198,7 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
         pure_cast = torch.autocast(device.type, dtype=resolve_precision(t.precision, device)) if pure else None
         with pure_cast or contextlib.nullcontext():
             return evaluate(base, loaded.preprocess_val, loaded.tokenizer, spec.eval, access=access, device=device,
-                            batch_size=spec.eval.batch_size, workers=spec.data.workers, precision=t.precision)
+                            batch_size=spec.eval.batch_size, workers=workers, precision=t.precision)
 
     keeper = None
     if rank == 0 and plan.eval_every and spec.guard is not None and plan.run == "helip":
@@ -225,78 +208,104 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
     reporter.event(f"{plan.run}: training {plan.total_steps} steps of {plan.batch_size} "
                    f"({plan.group} per target) on {world_size} process(es), {device.type}",
                    data={"run": plan.run, "steps": plan.total_steps, "batch_size": plan.batch_size,
-                         "hard_per_target": plan.hard_per_target, "warmup_steps": warmup})
+                         "hard_per_target": plan.hard_per_target, "warmup_steps": warmup, "data_workers": workers,
+                         "compiled": fwd_model is not model, "uint8_transfer": normalize is not None,
+                         "decode": "device" if decoder is not None else "workers"})
     cancel_flag = torch.zeros(1, device=device if device.type == "cuda" else "cpu")
     seen, window_t, window_n = 0, time.perf_counter(), 0
+    window = LossWindow()
     bad_seen = 0
-    while step < plan.total_steps:
-        sampler.set_epoch(epoch, start_batch)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=spec.data.workers,
-                            collate_fn=collate_pairs, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
-        batch_in_epoch = start_batch
-        for batch in loader:
-            images = batch["images"].to(device, non_blocking=True)
-            texts = batch["texts"].to(device, non_blocking=True)
-            rows = batch["rows"]
-            if batch["bad_rows"]:
-                bad_seen += len(batch["bad_rows"])
-                reporter.event(f"{plan.run}: {len(batch['bad_rows'])} unreadable image(s) left out of a batch",
-                               level="warning", data={"rows": [r for r, _ in batch["bad_rows"]][:20]})
-            mask = None
-            if plan.hard_per_target and not batch["bad_rows"]:
-                mask = hard_pair_mask(rows, table, plan.group, h.sample_from).to(device)
-            slices = micro_slices(len(rows), t.accum_steps, plan.group)
-            terms_sum = train_step(fwd_model, images, texts, mask, slices, step_loss=step_loss, ssl=ssl_fn is not None,
-                                   autocast=autocast, backward=backward, no_sync=no_sync)
-            if t.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(base.parameters(), t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            with torch.no_grad():
-                base.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            batch_in_epoch += 1
-            seen += len(rows) * world_size
-            window_n += len(rows) * world_size
+    try:
+        while step < plan.total_steps:
+            sampler.set_epoch(epoch, start_batch)
+            batch_in_epoch = start_batch
+            for batch in loader:
+                images, texts, rows, bad_rows = batch_to_device(batch, device, normalize, decoder)
+                if bad_rows:
+                    bad_seen += len(bad_rows)
+                    reporter.event(f"{plan.run}: {len(bad_rows)} unreadable image(s) left out of a batch",
+                                   level="warning", data={"rows": [r for r, _ in bad_rows][:20]})
+                mask = None
+                if hard_table is not None and not bad_rows:
+                    mask = hard_pair_mask(rows.to(device, non_blocking=True), hard_table, plan.group, h.sample_from)
+                slices = micro_slices(len(rows), t.accum_steps, plan.group)
 
-            results = None
-            if rank == 0 and plan.eval_every and (step % plan.eval_every == 0 or step == plan.total_steps):
-                eval_t0 = time.perf_counter()
-                results = evaluate_now()
-                window_t += time.perf_counter() - eval_t0  # samples_per_second counts training time only
-                if step == plan.total_steps:
-                    final_metrics = results
-                elif keeper is not None:
-                    keeper.record(step, results, lambda p, at=step: save_checkpoint(
-                        p, model, name=loaded.name, extra={"step": at, "run": plan.run}))
-            if step % t.log_every == 0 or step == plan.total_steps or step == 1 or results is not None:
-                now = time.perf_counter()
-                values = {**terms_sum, "loss": sum(terms_sum.values()), "lr": scheduler.get_last_lr()[0],
-                          "samples_per_second": window_n / max(now - window_t, 1e-9),
-                          "logit_scale": float(base.logit_scale.detach().exp()), "epoch": epoch,
-                          **flat_metrics(results or {})}
-                window_t, window_n = now, 0
-                if rank == 0:
-                    reporter.step(plan.run, step, plan.total_steps, values)
-            if rank == 0:
-                cancel_flag.fill_(1.0 if reporter.should_cancel() else 0.0)
-            if world_size > 1:
-                torch.distributed.all_reduce(cancel_flag)
-            if cancel_flag.item() > 0:
-                save_state(batch_in_epoch)
-                raise JobCancelled(f"{plan.run}: cancelled at step {step}; state saved")
-            if (step % t.checkpoint_every == 0 or results is not None) and step < plan.total_steps:
-                save_state(batch_in_epoch, results)
-            if step >= plan.total_steps:
-                break
-        else:
-            epoch, start_batch = epoch + 1, 0
-            continue
-        break
+                step_args = (images, texts, mask, slices)
+                step_kw = dict(step_loss=step_loss, ssl=ssl_fn is not None, autocast=autocast, backward=backward,
+                               no_sync=no_sync)
+                try:
+                    terms = train_step(fwd_model, *step_args, **step_kw)
+                except Exception as exc:
+                    if fwd_model is model or not compile_failure(exc):
+                        raise
+                    reporter.event(f"{plan.run}: torch.compile failed ({type(exc).__name__}: "
+                                   f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}); "
+                                   "training goes on uncompiled", level="warning")
+                    optimizer.zero_grad(set_to_none=True)
+                    fwd_model = model
+                    terms = train_step(fwd_model, *step_args, **step_kw)
+                if t.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(base.parameters(), t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                with torch.no_grad():
+                    base.logit_scale.clamp_(0, math.log(100))
+                step += 1
+                batch_in_epoch += 1
+                seen += len(rows) * world_size
+                window_n += len(rows) * world_size
+                window.add(terms)
+
+                results = None
+                last = step == plan.total_steps
+                if rank == 0 and ((plan.eval_every and (step % plan.eval_every == 0 or last)) or (plan.eval_final and last)):
+                    eval_t0 = time.perf_counter()
+                    results = evaluate_now()
+                    window_t += time.perf_counter() - eval_t0  # samples_per_second counts training time only
+                    if step == plan.total_steps:
+                        final_metrics = results
+                    elif keeper is not None:
+                        keeper.record(step, results, lambda p, at=step: save_checkpoint(
+                            p, model, name=loaded.name, extra={"step": at, "run": plan.run}))
+                # The host reads the device only here (loss values, logit scale): every log_every steps, not every step.
+                logging = step % t.log_every == 0 or last or step == 1 or results is not None
+                if logging:
+                    terms_mean = window.mean(base.logit_scale.detach().exp())
+                    now = time.perf_counter()
+                    values = {**terms_mean, "lr": scheduler.get_last_lr()[0],
+                              "samples_per_second": window_n / max(now - window_t, 1e-9), "epoch": epoch,
+                              **flat_metrics(results or {})}
+                    window_t, window_n = now, 0
+                    if rank == 0:
+                        reporter.step(plan.run, step, plan.total_steps, values)
+                # Cancel: one process asks its reporter (no device read); ranks agree by an all-reduce, and read it
+                # only when the step was logged anyway (so a cancel takes effect within log_every steps).
+                if world_size == 1:
+                    cancelled = rank == 0 and reporter.should_cancel()
+                elif logging:
+                    if rank == 0:
+                        cancel_flag.fill_(1.0 if reporter.should_cancel() else 0.0)
+                    torch.distributed.all_reduce(cancel_flag)
+                    cancelled = cancel_flag.item() > 0
+                else:
+                    cancelled = False
+                if cancelled:
+                    save_state(batch_in_epoch)
+                    raise JobCancelled(f"{plan.run}: cancelled at step {step}; state saved")
+                if (step % t.checkpoint_every == 0 or results is not None) and step < plan.total_steps:
+                    save_state(batch_in_epoch, results)
+                if step >= plan.total_steps:
+                    break
+            else:
+                epoch, start_batch = epoch + 1, 0
+                continue
+            break
+
+    finally:  # persistent workers end with the run, also when it is cancelled or fails
+        close_loader(loader)
 
     stats = dict(sampler.stats)
     if rank == 0:

@@ -72,21 +72,23 @@ def _spread(live: torch.Tensor, k: int) -> torch.Tensor:
 def train_step(model, images: torch.Tensor, texts: torch.Tensor, mask: torch.Tensor | None, slices: list[slice],
                *, step_loss: StepLoss, ssl: bool, autocast: Callable[[], contextlib.AbstractContextManager],
                backward: Callable[[torch.Tensor], None],
-               no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, float]:
-    """Forward and backward of one batch (gradients accumulate in the parameters); the loss terms' values."""
+               no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, torch.Tensor]:
+    """Forward and backward of one batch (gradients accumulate in the parameters); the loss terms' values,
+    as detached 0-d tensors on the device: reading them (float) waits for the device, so the caller does
+    that only when it logs."""
     if len(slices) == 1:
         with autocast():
             terms = step_loss(forward_features(model, images, texts, ssl=ssl), mask)
             total = functools.reduce(operator.add, terms.values())  # a Tensor (sum() starts at int 0)
         backward(total)
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: v.detach() for k, v in terms.items()}
     cached = []
     with torch.no_grad():
         for sl in slices:
             with autocast():
                 cached.append(forward_features(model, images[sl], texts[sl], ssl=ssl))
     k = len(slices)
-    values: dict[str, float] = {}
+    values: dict[str, torch.Tensor] = {}
     for j, sl in enumerate(slices):
         sync = no_sync() if no_sync is not None and j < k - 1 else contextlib.nullcontext()
         with sync:
@@ -101,5 +103,34 @@ def train_step(model, images: torch.Tensor, texts: torch.Tensor, mask: torch.Ten
                 total = functools.reduce(operator.add, terms.values())  # a Tensor (sum() starts at int 0)
             backward(total)
         if j == 0:
-            values = {name: float(v.detach()) for name, v in terms.items()}
+            values = {name: v.detach() for name, v in terms.items()}
     return values
+
+
+class LossWindow:
+    """The loss terms of the steps since the last log, summed on the device (no host read per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float().clone()
+        self.steps += 1
+
+    def mean(self, logit_scale: torch.Tensor) -> dict[str, float]:
+        """The window's mean of each term and of their sum, and the logit scale: one read from the device."""
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names] + [logit_scale.float().reshape(())]).tolist()
+        out = {k: v / max(self.steps, 1) for k, v in zip(names, values[:-1], strict=True)}
+        out["loss"] = sum(out.values())
+        out["logit_scale"] = values[-1]
+        self.sums, self.steps = {}, 0
+        return out
+
+
+def compile_failure(exc: BaseException) -> bool:
+    """An error raised by torch.compile's machinery (dynamo, inductor, a missing compiler), not by the model."""
+    return any(type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+               for e in (exc, exc.__cause__, exc.__context__) if e is not None)

@@ -237,19 +237,39 @@ def gpu_smoke(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu")
     # Everything but torch.compile (minutes on 2 CPU cores) and the fast path (covered above).
     bgpu.main(["--smoke", "--out", str(out), "--only", "encode", "step_b32_eager", "step_b16_eager",
-               "mining_exact", "data"])
+               "mining_exact", "data", "jobpath", "mining_job"])
     return json.loads((out / "gpu.json").read_text())
 
 
 def test_gpu_smoke_runs_every_phase_without_errors(gpu_smoke):
     assert gpu_smoke["done"] and gpu_smoke["smoke"] and not gpu_smoke["errors"] and not gpu_smoke["skipped"]
     ph = gpu_smoke["phases"]
-    assert set(ph) == {"encode", "step_b32_eager", "step_b16_eager", "mining_exact", "data"}
+    assert set(ph) == {"encode", "step_b32_eager", "step_b16_eager", "mining_exact", "data", "jobpath", "mining_job"}
+    rows = ph["jobpath"]["tiny"]
+    assert [r["what"] for r in rows][:2] == ["embedding stage (images/s)", "training stage (samples/s)"]
+    assert all(_finite_positive(r["ratio"]) for r in rows)
+    assert ph["mining_job"]["n"] == 3000 and _finite_positive(ph["mining_job"]["seconds"])
     assert _finite_positive(ph["step_b32_eager"]["helip"]["samples_per_s"])
     m = ph["mining_exact"]
     assert m["exact"]["complete"] and m["reference"]["complete"] and m["anchor_loop"]["single_product"]
     assert m["ratio_exact_to_reference"] == pytest.approx(m["exact"]["seconds_full"] / m["reference"]["seconds_full"])
     assert all(_finite_positive(r["images_per_s"]) for r in ph["data"]["rows"])
+
+
+def test_jobpath_main_times_the_job_against_open_clips_trainer(tmp_path):
+    """bench.jobpath on CPU at toy sizes: every row is there, with open_clip_train.main as a reference."""
+    from bench import jobpath
+
+    doc = jobpath.main(["--n", "256", "--batch", "32", "--steps", "4", "--bare-steps", "2", "--embed-batch", "64",
+                        "--out", str(tmp_path / "jp.json")])
+    rows = {(r["what"], r["reference is"]): r for r in doc["rows"]}
+    assert ("training stage (samples/s)", "open_clip_train.main, same data") in rows
+    for r in doc["rows"]:
+        assert _finite_positive(r["job"]) and _finite_positive(r["reference"])
+        assert r["ratio"] == pytest.approx(r["job"] / r["reference"])
+    overlap = rows[("mining top-50 overlap, float16 vs float32", "float32 exact on 256 check pairs")]["ratio"]
+    assert 0.95 <= overlap <= 1.0
+    assert json.loads((tmp_path / "jp.json").read_text())["rows"] == doc["rows"]
 
 
 def test_gpu_budget_skips_phases_that_do_not_fit(tmp_path):

@@ -401,5 +401,64 @@ def test_s3_gives_identical_results(pairs, weed_s3):
     ds = PairDataset(remote, access, _to_tensor, _tokens, rows=np.arange(4))
     batch = collate_pairs([ds[i] for i in range(4)])
     assert batch["rows"].tolist() == [0, 1, 2, 3]
+    grouped = collate_pairs(PairDataset(remote, access, _to_tensor, _tokens).__getitems__([11, 0, 5, 6]))
+    singles = collate_pairs([PairDataset(local, Access(), _to_tensor, _tokens)[r] for r in (11, 0, 5, 6)])
+    assert torch.equal(grouped["images"], singles["images"]) and grouped["rows"].tolist() == [11, 0, 5, 6]
     with pytest.raises(LocationError):  # a shard outside the allowed prefix
         build_index("s3://other-data/wds/00000.tar", access=access)
+
+
+def test_grouped_reads_equal_row_reads_with_fewer_requests(pairs, tmp_path, monkeypatch):
+    """A batch through __getitems__ reads each shard's nearby members with one range request and gives
+    exactly what per-row reads give, bad rows included (a truncated shard's broken member, CSV rows)."""
+    from core import decoding
+
+    raw, _starts = _three_sample_shard(tmp_path)
+    (tmp_path / "cut.tar").write_bytes(raw[:int(build_index(str(tmp_path / "full.tar"), access=Access()).offsets[2]) + 10])
+    index = build_index(f"{pairs}/wds/{{00000..00001}}.tar", access=Access())
+    rows = [5, 0, 11, 3, 3, 8, 1]  # shuffled, across both shards, one row twice (a target and a hard pair)
+    calls: list[tuple[str, int, int]] = []
+    real = decoding.dio.read_range
+
+    def counting(loc, off, size, access, **kw):
+        calls.append((loc, off, size))
+        return real(loc, off, size, access, **kw)
+
+    monkeypatch.setattr(decoding.dio, "read_range", counting)
+    ds = PairDataset(index, Access(), _to_tensor, _tokens)
+    grouped = ds.__getitems__(rows)
+    n_grouped = len(calls)
+    calls.clear()
+    single = [ds[r] for r in rows]
+    assert len(calls) == len(rows) and n_grouped == 2  # one request per shard instead of one per row
+    for g, s in zip(grouped, single, strict=True):
+        assert g["row"] == s["row"] and torch.equal(g["image"], s["image"]) and torch.equal(g["text"], s["text"])
+    # a truncated shard: the broken member is bad with the same reason as alone, the others are read
+    cut = build_index(str(tmp_path / "cut.tar"), access=Access())
+    ds_cut = PairDataset(cut, Access(), _to_tensor, _tokens)
+    got = ds_cut.__getitems__(list(range(len(cut))))
+    assert [("bad" in s) for s in got] == [("bad" in ds_cut[r]) for r in range(len(cut))]
+    assert any("bad" in s for s in got) and any("bad" not in s for s in got)
+    # CSV rows (one file each) and a row the index already knows is bad
+    csv_index = build_index(str(pairs / "csv" / "train.csv"), access=Access())
+    csv_index.mark_bad(2, "not an image")
+    ds_csv = PairDataset(csv_index, Access(), _to_tensor, _tokens)
+    got = ds_csv.__getitems__([0, 2, 4])
+    assert got[1] == {"bad": (2, "not an image")} and [s["row"] for s in (got[0], got[2])] == [0, 4]
+
+
+def test_group_ranges_respect_gap_and_span(monkeypatch):
+    from core import decoding
+
+    class Index:
+        sources = ["a.tar"] * 5 + ["b.tar"]
+        offsets = np.array([0, 100, 10_000, 10_100, 50_000, 0])
+        sizes = np.array([50, 50, 50, 50, 50, 50])
+        bad: dict[int, str] = {}
+
+    monkeypatch.setattr(decoding, "GROUP_GAP", 1000)
+    monkeypatch.setattr(decoding, "GROUP_SPAN", 20_000)
+    groups = decoding.group_ranges(Index(), [4, 3, 2, 1, 0, 5])  # type: ignore[arg-type]
+    assert sorted(groups) == [[0, 1], [2, 3], [4], [5]]
+    monkeypatch.setattr(decoding, "GROUP_GAP", 100_000)
+    assert sorted(decoding.group_ranges(Index(), [0, 1, 2, 3, 4])) == [[0, 1, 2, 3], [4]]  # type: ignore[arg-type]
