@@ -58,11 +58,14 @@ def entry_prefix(kind: str, key: str) -> str:
     return f"{CACHE_DIR}/{kind}/{key}"
 
 
-def embeddings_inputs(*, weights: str, model: dict[str, Any], data: str, precision: str) -> dict[str, Any]:
+def embeddings_inputs(*, weights: str, model: dict[str, Any], data: str, precision: str,
+                      decode: str = "workers") -> dict[str, Any]:
+    """`decode`: where JPEGs were decoded (`workers` with PIL, `device` with nvJPEG/torchvision: the pixels
+    differ by resampling rounding, so the embeddings do too)."""
     from core.embed import EMBEDDINGS_FORMAT
 
     return {"kind": EMBEDDINGS, "format": EMBEDDINGS_FORMAT, "weights": weights, "model": model, "data": data,
-            "precision": precision}
+            "precision": precision, "decode": decode}
 
 
 def pairs_inputs(embeddings_key: str, mining: Any, seed: int) -> dict[str, Any]:
@@ -156,6 +159,9 @@ class JobCache:
         """Compute the embeddings key (weights digest, data fingerprint) of this job's miner and data."""
         if self.cache is None:
             return
+        import torch
+
+        from core.device_decode import decode_mode, plan_device_decode
         from core.fingerprint import data_fingerprint, model_description, weights_digest
         from core.train import resolve_precision
 
@@ -166,7 +172,9 @@ class JobCache:
         inputs = embeddings_inputs(
             weights=weights_digest(miner.model),
             model=model_description(miner.name, config, miner.preprocess_val, miner.tokenizer),
-            data=fingerprint, precision=str(dtype).removeprefix("torch.") if dtype is not None else "float32")
+            data=fingerprint, precision=str(dtype).removeprefix("torch.") if dtype is not None else "float32",
+            decode="device" if decode_mode(spec.data.decode, torch.device(device))
+            and plan_device_decode(miner.preprocess_val) is not None else "workers")
         self.inputs[EMBEDDINGS], self.keys[EMBEDDINGS] = inputs, digest(inputs)
         self.inputs[HARD_PAIRS] = pairs_inputs(self.keys[EMBEDDINGS], spec.mining, int(spec.train.seed or 0))
         self.keys[HARD_PAIRS] = digest(self.inputs[HARD_PAIRS])

@@ -20,7 +20,7 @@ from core.train import resolve_precision
 
 # The layout of embeddings.npz (arrays, dtypes): part of every cached entry's key (core.cache), so bump it
 # whenever save_embeddings writes something an older load_embeddings would misread.
-EMBEDDINGS_FORMAT = 1
+EMBEDDINGS_FORMAT = 2
 
 
 @dataclass
