@@ -81,6 +81,12 @@ class MiningSpec(Strict):
     recall_sample: int = Field(default=1000, ge=0, le=1_000_000, description="fast: random queries mined exactly too, to "
                                "measure and report recall@top_k (0: not measured)")
     batch_size: int = Field(default=256, ge=1, le=MAX_BATCH, description="embedding batch size")
+    shards: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="exact: split mining into this many row-range shards that any worker may mine (the table is "
+        "the same as unsharded); null: automatic, 1 below 200,000 valid pairs, else one per 250,000 pairs or more "
+        "when a shard would not fit a worker's memory budget (HELIP_SHARD_MEMORY_BYTES); more than 1 needs "
+        "method `exact`")
     candidates: None = Field(default=None, exclude=True, description="removed: use `probe` and `list_size`")
     reference_size: None = Field(default=None, exclude=True, description="removed: the fast miner uses every row")
 

@@ -41,6 +41,23 @@ def pipeline_options(settings: Settings) -> dict[str, Any]:
     return {"cpu_processes": settings.cpu_processes, "weights_cache": settings.weights_cache}
 
 
+def shard_backend(settings: Settings, sessions: sessionmaker[Session], store: Store, job_id: str,
+                  worker_id: str) -> Any:
+    """Mining shards through the database, the store and the queue (worker/shards.py)."""
+    from helip.queue import celery_client, send_mine_shards
+    from worker.shards import ServiceShards
+
+    client: list[Any] = []
+
+    def send(job: str, plan: str) -> None:
+        if not client:
+            client.append(celery_client(settings))
+        send_mine_shards(client[0], job, plan)
+
+    return ServiceShards(settings=settings, sessions=sessions, store=store, job_id=job_id, worker_id=worker_id,
+                         send=send)
+
+
 def _default_pipeline(*args: Any, **kwargs: Any) -> Any:
     from core.pipeline import run_job  # imported in the job's child process only: torch never loads in the parent
 
@@ -99,7 +116,8 @@ def execute_job(
                            data={"files": restored,
                                  "resumed_steps": {f["run"]: f["step"] for f in restored if "run" in f}})
         result = (pipeline or _default_pipeline)(spec, workdir, access=settings.access(), reporter=reporter,
-                                                 device=device, **pipeline_options(settings))
+                                                 device=device, **pipeline_options(settings),
+                                                 shards=shard_backend(settings, sessions, store, job_id, worker_id))
         if lease.lost.is_set():
             return _lost(job_id)
         files.sync()
