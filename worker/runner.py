@@ -20,7 +20,7 @@ from core.errors import HelipError, JobCancelled, StorageError
 from core.spec import JobSpec, parse_spec
 from helip import crud, transitions
 from helip.settings import Settings
-from helip.store import Store, store_from_settings
+from helip.store import Store, job_key, store_from_settings
 from helip.tables import JobStatus
 from worker.files import JobFiles, json_safe
 from worker.reporter import DbReporter, Heartbeat, Lease
@@ -122,6 +122,7 @@ def execute_job(
             return _lost(job_id)
         files.sync()
         artifacts = files.publish(dict(result.artifacts))
+        drop_shard_objects(store, job_id)
         # The metrics are the eval rows (GET /jobs/{id}/metrics) and the metrics.json artifact: not copied here.
         outcome = json_safe({"summary": result.summary, "artifacts": artifacts})
         won = _commit(sessions, lambda s: transitions.finish_job(s, job_id=job_id, status=JobStatus.SUCCEEDED,
@@ -157,6 +158,17 @@ def execute_job(
     finally:
         heartbeat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def drop_shard_objects(store: Store, job_id: str) -> None:
+    """The mining shards' inputs and lists, once the job's hard pairs are published (the rows stay, as the
+    record of who mined what); a store that refuses leaves them to the job's deletion."""
+    from worker.shards import SHARDS_DIR
+
+    try:
+        store.delete_prefix(job_key(job_id, SHARDS_DIR))
+    except StorageError:
+        log.exception("job %s: could not delete the mining shards' objects", job_id)
 
 
 def kept_dir(settings: Settings, job_id: str, attempt: int) -> Path:

@@ -103,23 +103,13 @@ def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(s)] if n else []
 
 
-def shard_bytes(rows: int, n: int, d: int, k: int, itemsize: int = 4) -> int:
-    """A shard's working set: every valid row's text and image (the columns), its own rows' kept lists, and
-    a tile's temporaries (about 24 bytes a pair: two cosines, the score, masks)."""
-    return 2 * n * d * itemsize + rows * k * KEPT_BYTES_PER_PAIR + CPU_TILE[0] * CPU_TILE[1] * 24
-
-
 def auto_shards(n: int, d: int, k: int, budget: int = MEMORY_BUDGET) -> int:
     """mining.shards = null: 1 below AUTO_MIN_ROWS valid rows; else one shard per AUTO_ROWS_PER_SHARD rows,
-    or more when that shard's working set (`shard_bytes`) would exceed `budget`."""
+    or more when a shard's kept lists (KEPT_BYTES_PER_PAIR per pair while cutting) would exceed `budget`.
+    Every shard also holds all rows' embeddings (the columns, 2 x n x d values): sharding does not shrink them."""
     if n < AUTO_MIN_ROWS:
         return 1
-    shards = math.ceil(n / AUTO_ROWS_PER_SHARD)
-    free = budget - shard_bytes(0, n, d, k)
-    if free > 0:
-        shards = max(shards, math.ceil(n * k * KEPT_BYTES_PER_PAIR / free))
-    else:  # the columns alone exceed the budget: the smallest useful shards
-        shards = max(shards, math.ceil(n / 1024))
+    shards = max(math.ceil(n / AUTO_ROWS_PER_SHARD), math.ceil(n * k * KEPT_BYTES_PER_PAIR / budget))
     return min(shards, n)
 
 
