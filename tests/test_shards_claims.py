@@ -130,8 +130,8 @@ def test_a_helper_mines_what_is_left_and_a_cancelled_job_stops_every_claim(env) 
 def test_a_shard_stops_when_its_job_is_cancelled_midway(env) -> None:
     """The shard's heartbeat sees the cancel flag; the next block of rows stops the miner, nothing is stored."""
     maker, settings, store, job_id = env
-    from core.mining.shards import ShardPlan, prepare, shard_ranges
     from core.mining.scores import Filters
+    from core.mining.shards import ShardPlan, prepare, shard_ranges
     from worker.shards import mine_claimed
 
     g = torch.Generator().manual_seed(0)
