@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=RESULTS / "shards_cpu.json")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -125,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"rows {args.rows}, dim {args.dim}, top_k {args.top_k}, {args.shards} shards; tables identical to "
           f"mine_exact's (checked)")
     print(table(rows, ["run", "workers", "shards", "seconds", "vs_1_worker", "vs_unsharded", "shards_by_worker"]))
-    result = {"when": now_iso(), "machine": machine(), "args": vars(args), "rows": rows}
-    write_json(RESULTS / "shards_cpu.json", result)
+    result = {"when": now_iso(), "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+              "rows": rows}
+    write_json(args.out, result)
     return result
 
 

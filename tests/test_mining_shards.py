@@ -214,3 +214,17 @@ def test_normalised_random_embeddings_many_shards_uneven() -> None:
     assert len({r.b - r.a for r in results}) == 2  # 700 / 9: uneven
     np.testing.assert_array_equal(got.neighbors, ref.neighbors)
     np.testing.assert_array_equal(got.scores, ref.scores)
+
+
+def test_the_shards_benchmark_runs_and_checks_its_tables(tmp_path) -> None:
+    """bench/shards.py at a tiny size: 1 and 2 worker processes through the service's machinery (SQLite, a file
+    store, a spawned helper); it asserts itself that every table equals mine_exact's."""
+    import json
+
+    from bench import shards as bench_shards
+
+    doc = bench_shards.main(["--rows", "400", "--dim", "16", "--top-k", "5", "--shards", "3",
+                             "--out", str(tmp_path / "s.json")])
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert [r["workers"] for r in saved["rows"]] == [1, 1, 2] == [r["workers"] for r in doc["rows"]]
+    assert sum(saved["rows"][2]["shards_by_worker"].values()) == 3
