@@ -228,3 +228,18 @@ def test_the_shards_benchmark_runs_and_checks_its_tables(tmp_path) -> None:
     saved = json.loads((tmp_path / "s.json").read_text())
     assert [r["workers"] for r in saved["rows"]] == [1, 1, 2] == [r["workers"] for r in doc["rows"]]
     assert sum(saved["rows"][2]["shards_by_worker"].values()) == 3
+
+
+def test_mine_embeddings_file_honours_shards(tmp_path) -> None:
+    from core.mining.embeddings import mine_embeddings_file, mining_options
+
+    text, image = _clustered(300, 6, seed=1)
+    path = tmp_path / "emb.npz"
+    np.savez(path, text=text.numpy(), image=image.numpy())
+    plain, _ = mine_embeddings_file(path, tmp_path / "plain", mining_options(top_k=7))
+    spec = tmp_path / "mining.yaml"
+    spec.write_text("mining: {shards: 4}\n")
+    sharded, dest = mine_embeddings_file(path, tmp_path / "sharded", mining_options(spec, top_k=7))
+    assert sharded.report["shards"] == 4 and "shards" not in plain.report and dest.exists()
+    np.testing.assert_array_equal(sharded.neighbors, plain.neighbors)
+    np.testing.assert_array_equal(sharded.scores, plain.scores)
