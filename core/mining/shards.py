@@ -9,8 +9,9 @@ the other in this process (the CLI, tests); the service's backend (worker/shards
 Celery workers through the database and the object store.
 
 Unlike `mine_exact`, a shard cannot use the symmetry of the score (its rows' pairs with other shards'
-rows are scored by both shards), so all shards together do up to twice the products of one unsharded run:
-sharding pays once there are more workers than that (see docs/benchmarks.md).
+rows are scored by both shards), so all shards together do up to twice the products of one unsharded
+run (0.57x mine_exact's speed on one CPU worker, docs/benchmarks.md section 6): sharding pays with
+several idle workers. Every shard holds all valid rows' embeddings (the columns).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from core.mining.scores import Filters, MinedPairs, _check_top_k, _prepare, dup_
 from core.mining.select import TopK
 
 # mining.shards = null (automatic): one shard below AUTO_MIN_ROWS valid rows, else one per
-# AUTO_ROWS_PER_SHARD rows, more when a shard's working set would not fit the per-worker memory budget.
+# AUTO_ROWS_PER_SHARD rows, more when a shard's kept lists would not fit the per-worker memory budget.
 AUTO_MIN_ROWS = 200_000
 AUTO_ROWS_PER_SHARD = 250_000
-MEMORY_BUDGET = 8 << 30  # bytes a worker may spend on one shard (Settings.shard_memory_bytes in the service)
+MEMORY_BUDGET = 8 << 30  # bytes a worker may spend on one shard's lists (Settings.shard_memory_bytes in the service)
 KEPT_BYTES_PER_PAIR = 48  # a kept (row, column, score) triple while cutting (12 bytes, x2 buffer, x2 sort)
 CPU_TILE = (256, 4096)  # rows x columns of a tile: CPU tiles stay in cache
 GPU_TILE = (4096, 16384)
