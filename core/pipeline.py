@@ -30,7 +30,8 @@ from core.io import Access
 from core.layout import final_path
 from core.loading import default_workers
 from core.mining import MinedPairs, read_hard_pairs, write_hard_pairs
-from core.mining.embeddings import mine_arrays
+from core.mining.shards import ShardBackend
+from core.mining.stage import mine_stage
 from core.models import LoadedModel, load_model, load_state, model_from_spec, save_checkpoint
 from core.progress import Reporter, Stage
 from core.spec import JobSpec, resolve_spec
@@ -96,11 +97,11 @@ def _miner(spec: JobSpec, loaded: LoadedModel, access: Access, device, workdir: 
 
 
 def _mine(spec: JobSpec, text: np.ndarray, image: np.ndarray, valid: np.ndarray, device,
-          reporter: Reporter) -> MinedPairs:
+          reporter: Reporter, shards: ShardBackend | None) -> MinedPairs:
     """The embeddings are float16 (core.embed): on a GPU the products run in it, accumulated in float32."""
     with fp32_accumulation():
-        return mine_arrays(text, image, spec.mining, valid=valid, device=device, seed=int(spec.train.seed or 0),
-                           progress=lambda done, total: reporter.progress(Stage.MINING, done, total))
+        return mine_stage(spec.mining, text, image, valid, device=device, seed=int(spec.train.seed or 0),
+                          reporter=reporter, backend=shards)
 
 
 @contextlib.contextmanager
@@ -205,12 +206,14 @@ def _train(plan: RunPlan, spec: JobSpec, index: PairIndex, neighbors, tokens, ac
 
 def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None, reporter: Reporter,
             device: str | None = None, mine_only: bool = False, cpu_processes: int = 1,
-            weights_cache: Path | None = None, cache: BlobStore | None = None) -> JobResult:
+            weights_cache: Path | None = None, cache: BlobStore | None = None,
+            shards: ShardBackend | None = None) -> JobResult:
     """Run the whole job (or only embedding + mining) and write its artifacts under `workdir`.
 
     `cpu_processes`: DDP processes on a CPU-only machine when the spec does not say; `weights_cache`: where
     open_clip's tagged weights are cached (both from helip's Settings, given by the caller); `cache`: the store
-    that holds cached embeddings and hard pairs (core.cache; used unless mining.cache is false).
+    that holds cached embeddings and hard pairs (core.cache; used unless mining.cache is false); `shards`: who
+    mines the shards of a sharded job (core.mining.shards; default: this process, one after the other).
     """
     spec = resolve_spec(spec)
     access = access or Access()
@@ -273,7 +276,7 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     elif (hit := jc.fetch(HARD_PAIRS, pairs_path, lambda p: check_pairs(*read_hard_pairs(p), index))) is not None:
         mined = hit
     else:
-        mined = _mine(spec, emb.text, emb.image, index.valid_mask(), dev, reporter)
+        mined = _mine(spec, emb.text, emb.image, index.valid_mask(), dev, reporter, shards)
         write_hard_pairs(pairs_path, mined, index.keys)
         reporter.event(f"mined {spec.mining.top_k} hard pairs for {int(index.valid_mask().sum())} pairs "
                        f"({spec.mining.method})", data=mined.report)

@@ -107,6 +107,9 @@ class JobSpec(Strict):
                 f"train.batch_size ({per_step}) must be a multiple of (1 + helip.hard_per_target) x "
                 f"train.accum_steps ({group * self.train.accum_steps})"
             )
+        if self.mining.shards is not None and self.mining.shards > 1 and self.mining.method != "exact":
+            raise ValueError(f"mining.shards ({self.mining.shards}) applies to method `exact` only; the "
+                             f"`{self.mining.method}` miner runs in one process (leave mining.shards null or 1)")
         if self.helip.hard_per_target > 0 and self.mining.top_k < self.helip.sample_from:
             raise ValueError(
                 f"mining.top_k ({self.mining.top_k}) must be at least helip.sample_from ({self.helip.sample_from})"
@@ -148,7 +151,7 @@ class JobSpec(Strict):
 # Which field a cross-field message is about: the first field named in it.
 _CROSS_FIELD_PARAMS = (
     "model.name", "train.warmup", "guard.objective", "guard.protect", "guard",
-    "train.batch_size", "mining.top_k", "helip.hard_per_target", "eval",
+    "train.batch_size", "mining.shards", "mining.top_k", "helip.hard_per_target", "eval",
 )
 
 

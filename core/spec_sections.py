@@ -98,6 +98,12 @@ class MiningSpec(Strict):
         description="reuse embeddings and hard pairs an earlier job computed from the same model weights, data "
         "content and mining options (kept in the service's store), and store this job's for later ones; false: "
         "embed and mine afresh and store nothing (the job's events and result.summary.cache say what was reused)")
+    shards: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="exact: split mining into this many row-range shards that any worker may mine (the table is "
+        "the same as unsharded); null: automatic, 1 below 200,000 valid pairs, else one per 250,000 pairs or more "
+        "when a shard would not fit a worker's memory budget (HELIP_SHARD_MEMORY_BYTES); more than 1 needs "
+        "method `exact`")
     candidates: None = Field(default=None, exclude=True, description="removed: use `probe` and `list_size`")
     reference_size: None = Field(default=None, exclude=True, description="removed: the fast miner uses every row")
 

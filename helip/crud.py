@@ -12,7 +12,18 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from helip.tables import ACTIVE_STATUSES, Artifact, Base, Checkpoint, EvalResult, Event, Job, StepMetric, utcnow
+from helip.tables import (
+    ACTIVE_STATUSES,
+    Artifact,
+    Base,
+    Checkpoint,
+    EvalResult,
+    Event,
+    Job,
+    MiningShard,
+    StepMetric,
+    utcnow,
+)
 
 # -- jobs ----------------------------------------------------------------------------------------------
 
@@ -293,7 +304,7 @@ def list_artifacts(session: Session, *, job_id: str) -> list[Artifact]:
 def delete_job(session: Session, *, job_id: str) -> None:
     """Remove a job and all its rows (the store's objects are the caller's business: the API deletes them
     after the commit, and the worker's store reaper removes any that a failure left behind)."""
-    for table in (Event, StepMetric, EvalResult, Checkpoint, Artifact):
+    for table in (Event, StepMetric, EvalResult, Checkpoint, Artifact, MiningShard):
         session.execute(delete(table).where(table.job_id == job_id))
     session.execute(delete(Job).where(Job.id == job_id))
 

@@ -13,6 +13,7 @@ from celery import Celery
 from helip.settings import Settings
 
 RUN_JOB_TASK = "helip.run_job"
+MINE_SHARDS_TASK = "helip.mine_shards"  # help a running job mine its shards (worker/shards.py)
 
 # Long jobs: the Redis transport redelivers an unacked message after visibility_timeout, so it must
 # exceed the longest job (acks_late keeps the message unacked while the job runs).
@@ -68,6 +69,15 @@ def send_run_job(app: Celery, job_id: str, *, queue: str | None = None) -> None:
     """
     app.send_task(
         RUN_JOB_TASK, args=[job_id], queue=queue or app.conf.task_default_queue,
+        retry=True, retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+    )
+
+
+def send_mine_shards(app: Celery, job_id: str, plan: str, *, queue: str | None = None) -> None:
+    """Ask any worker to mine shards of a job's plan (the job's own process mines them too, so a lost
+    message only makes mining slower)."""
+    app.send_task(
+        MINE_SHARDS_TASK, args=[job_id, plan], queue=queue or app.conf.task_default_queue,
         retry=True, retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
     )
 

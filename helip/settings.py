@@ -91,6 +91,10 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64, description="DDP processes for a job on a machine without GPUs (train.devices unset)")
     weights_cache: Path | None = Field(
         default=None, description="where open_clip's tagged weights are cached (default: open_clip's own cache)")
+    shard_memory_bytes: int = Field(
+        default=8 << 30, ge=1 << 20,
+        description="memory one worker may spend on one mining shard: with mining.shards null, a large job gets "
+                    "enough shards for each to fit (core.mining.shards.auto_shards)")
 
     @model_validator(mode="after")
     def _defaults_and_safety(self) -> Settings:

@@ -206,3 +206,31 @@ class WebhookDelivery(Base):
         UniqueConstraint("job_id", "dedupe_key"),
         Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),  # the dispatcher's due scan
     )
+
+
+class MiningShard(Base):
+    """One row range of a job's sharded exact mining (core.mining.shards): who mines it, and where its result is.
+
+    pending -> claimed (a worker mines it, heartbeating) -> done (result_key holds its lists); a claimed shard
+    whose heartbeat is older than stale_after_seconds may be claimed again by anyone (its worker died).
+    """
+
+    __tablename__ = "mining_shards"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    plan: Mapped[str] = mapped_column(String(64))  # the plan's fingerprint (embeddings, ranges, options)
+    shard: Mapped[int] = mapped_column(Integer)
+    row_start: Mapped[int] = mapped_column(BigInteger)
+    row_end: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | claimed | done
+    worker_id: Mapped[str | None] = mapped_column(String(255))
+    claims: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    seconds: Mapped[float | None] = mapped_column(Float)
+    result_key: Mapped[str | None] = mapped_column(String(1024))
+    counts: Mapped[dict[str, Any] | None]  # {same_caption, duplicate}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("job_id", "plan", "shard"),)

@@ -15,7 +15,8 @@ from helip.settings import Settings
 from helip.tables import Base
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = {"jobs", "events", "step_metrics", "eval_results", "checkpoints", "artifacts", "webhook_deliveries"}
+TABLES = {"jobs", "events", "step_metrics", "eval_results", "checkpoints", "artifacts", "webhook_deliveries",
+          "mining_shards"}
 
 
 def _diff(url: str) -> list:

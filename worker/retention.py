@@ -31,9 +31,10 @@ STATES_DIR = "states"
 JOBS_DIR = "jobs"
 # Test hook, unset in production: `<point>=<seconds>` sleeps at that point of storing a training state, so
 # a fault test can SIGKILL the worker exactly there. Points: after_state_upload (the object is stored, its
-# row not yet recorded) and after_state_record (the row is committed, older states not yet deleted).
+# row not yet recorded), after_state_record (the row is committed, older states not yet deleted) and
+# shard_mined (a mining shard's lists are computed, not yet stored: worker/shards.py).
 PAUSE_ENV = "HELIP_TEST_PAUSE"
-PAUSE_POINTS = ("after_state_upload", "after_state_record")
+PAUSE_POINTS = ("after_state_upload", "after_state_record", "shard_mined")
 
 
 def state_prefix(job_id: str, run: str, step: int) -> str:

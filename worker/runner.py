@@ -20,7 +20,7 @@ from core.errors import HelipError, JobCancelled, StorageError
 from core.spec import JobSpec, parse_spec
 from helip import crud, transitions
 from helip.settings import Settings
-from helip.store import Store, store_from_settings
+from helip.store import Store, job_key, store_from_settings
 from helip.tables import JobStatus
 from worker.files import JobFiles, json_safe
 from worker.reporter import DbReporter, Heartbeat, Lease
@@ -39,6 +39,23 @@ def worker_identity(hostname: str | None = None) -> str:
 def pipeline_options(settings: Settings) -> dict[str, Any]:
     """What core.pipeline.run_job takes from the settings (core never reads the environment itself)."""
     return {"cpu_processes": settings.cpu_processes, "weights_cache": settings.weights_cache}
+
+
+def shard_backend(settings: Settings, sessions: sessionmaker[Session], store: Store, job_id: str,
+                  worker_id: str) -> Any:
+    """Mining shards through the database, the store and the queue (worker/shards.py)."""
+    from helip.queue import celery_client, send_mine_shards
+    from worker.shards import ServiceShards
+
+    client: list[Any] = []
+
+    def send(job: str, plan: str) -> None:
+        if not client:
+            client.append(celery_client(settings))
+        send_mine_shards(client[0], job, plan)
+
+    return ServiceShards(settings=settings, sessions=sessions, store=store, job_id=job_id, worker_id=worker_id,
+                         send=send)
 
 
 def _default_pipeline(*args: Any, **kwargs: Any) -> Any:
@@ -100,11 +117,13 @@ def execute_job(
                                  "resumed_steps": {f["run"]: f["step"] for f in restored if "run" in f}})
         # The store also holds the embeddings / hard-pairs cache (core.cache; cache/ next to jobs/).
         result = (pipeline or _default_pipeline)(spec, workdir, access=settings.access(), reporter=reporter,
-                                                 device=device, cache=store, **pipeline_options(settings))
+                                                 device=device, cache=store, **pipeline_options(settings),
+                                                 shards=shard_backend(settings, sessions, store, job_id, worker_id))
         if lease.lost.is_set():
             return _lost(job_id)
         files.sync()
         artifacts = files.publish(dict(result.artifacts))
+        drop_shard_objects(store, job_id)
         # The metrics are the eval rows (GET /jobs/{id}/metrics) and the metrics.json artifact: not copied here.
         outcome = json_safe({"summary": result.summary, "artifacts": artifacts})
         won = _commit(sessions, lambda s: transitions.finish_job(s, job_id=job_id, status=JobStatus.SUCCEEDED,
@@ -140,6 +159,17 @@ def execute_job(
     finally:
         heartbeat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def drop_shard_objects(store: Store, job_id: str) -> None:
+    """The mining shards' inputs and lists, once the job's hard pairs are published (the rows stay, as the
+    record of who mined what); a store that refuses leaves them to the job's deletion."""
+    from worker.shards import SHARDS_DIR
+
+    try:
+        store.delete_prefix(job_key(job_id, SHARDS_DIR))
+    except StorageError:
+        log.exception("job %s: could not delete the mining shards' objects", job_id)
 
 
 def kept_dir(settings: Settings, job_id: str, attempt: int) -> Path:

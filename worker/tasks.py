@@ -6,7 +6,7 @@ import multiprocessing
 
 from celery import Task
 
-from helip.queue import RUN_JOB_TASK
+from helip.queue import MINE_SHARDS_TASK, RUN_JOB_TASK
 from helip.settings import get_settings
 from worker.celery_app import app
 from worker.runner import execute_job, worker_identity
@@ -30,3 +30,11 @@ def run_job(self: Task, job_id: str) -> str | None:
     """Run (or resume) one job. A message for a job that is not claimable is acknowledged and does nothing."""
     allow_child_processes()
     return execute_job(job_id, settings=get_settings(), worker_id=worker_identity(self.request.hostname))
+
+
+@app.task(name=MINE_SHARDS_TASK, bind=True)
+def mine_shards(self: Task, job_id: str, plan: str) -> int:
+    """Mine shards of a running job's plan while any is left to claim; a message that finds none does nothing."""
+    from worker.shards import help_mine  # torch loads in the task's child only
+
+    return help_mine(job_id, plan, settings=get_settings(), worker_id=worker_identity(self.request.hostname))

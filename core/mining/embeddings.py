@@ -137,8 +137,18 @@ def mine_arrays(text: np.ndarray | torch.Tensor, image: np.ndarray | torch.Tenso
 def mine_embeddings_file(path: str | Path, out_dir: str | Path, mining: Any, *, device: str | torch.device = "cpu",
                          seed: int = 0, progress: Progress = None) -> tuple[MinedPairs, Path]:
     """Read, normalise, mine and write OUT/hard_pairs.parquet (row, key, neighbors, scores)."""
+    from core.mining.stage import shard_count
+
     text, image, keys, notes = load_embeddings_file(path)
-    mined = mine_arrays(text, image, mining, device=device, seed=seed, progress=progress)
+    if shard_count(mining, len(text), text.shape[1]) > 1:  # mining.shards: the same table, shard by shard here
+        from core.mining.shards import mine_sharded
+
+        mined, _ = mine_sharded(text, image, top_k=mining.top_k, shards=shard_count(mining, len(text), text.shape[1]),
+                                same_caption_threshold=mining.same_caption_threshold,
+                                duplicate_threshold=mining.duplicate_threshold, clamp_negative=mining.clamp_negative,
+                                block_size=mining.block_size, device=device)
+    else:
+        mined = mine_arrays(text, image, mining, device=device, seed=seed, progress=progress)
     mined.report.update(notes, normalised=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
