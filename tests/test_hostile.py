@@ -307,8 +307,9 @@ def test_fuzz_the_api_from_its_openapi_schema(settings: Settings, tree: dict[str
 HOSTILE_VALUES: list[Any] = [float("nan"), float("inf"), float("-inf"), 10**30, -(10**30), 2**63, "\x00", "a\x00b",
                               "x" * 5000, "", None, True, [], {}, "../../etc/passwd", "{0..99999999}"]
 SPEC_PATHS = ["model.name", "model.pretrained", "model.config", "model.config.embed_dim", "model.config.vision_cfg.width",
-              "data.train", "data.csv_separator", "data.workers", "data.max_bad_fraction", "mining.top_k",
-              "mining.block_size", "mining.duplicate_threshold", "helip.gamma", "helip.margin", "helip.sample_from",
+              "data.train", "data.csv_separator", "data.workers", "data.decode", "data.max_bad_fraction", "mining.top_k",
+              "mining.block_size", "mining.shards", "mining.cache", "train.compile", "mining.duplicate_threshold",
+              "helip.gamma", "helip.margin", "helip.sample_from",
               "train.lr", "train.epochs", "train.max_steps", "train.batch_size", "train.warmup", "train.seed",
               "train.grad_clip", "eval.batch_size", "eval.zeroshot", "control", "extra_field"]
 
