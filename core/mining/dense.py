@@ -18,8 +18,9 @@ import torch
 from core.mining.scores import Filters, Progress, _topk_lowest_index, dup_count, tile_scores
 
 # Query rows a block: a block's fp32 cosines (2 x rows x N x 4 bytes) stay in a core's L2 cache at the
-# N this path is chosen for; at least 64 rows so that the products still run at full speed.
+# N this path is chosen for; at least MIN_ROWS rows so that the products still run at full speed.
 BLOCK_BYTES = 4 * 1024**2
+MIN_ROWS = 256
 
 
 def rank_window(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +47,7 @@ def mine_dense(t: torch.Tensor, v: torch.Tensor, k: int, f: Filters, counts: lis
     """
     n = t.shape[0]
     dev = t.device
-    rows = rows or max(64, BLOCK_BYTES // (8 * max(n, 1)))
+    rows = rows or max(MIN_ROWS, BLOCK_BYTES // (8 * max(n, 1)))
     low = min(f.same, f.dup)
     kk = min(k, n)
     idx_out = torch.full((n, k), -1, dtype=torch.int64, device=dev)
@@ -55,7 +56,7 @@ def mine_dense(t: torch.Tensor, v: torch.Tensor, k: int, f: Filters, counts: lis
         b = min(n, a + rows)
         r = torch.arange(b - a, device=dev)
         ct, cv = t[a:b] @ t.T, v[a:b] @ v.T
-        # The pair itself: -inf cosines are neither same caption nor duplicate, and its score is set below.
+        # The pair itself: -inf cosines are neither same caption nor duplicate; its score is set below.
         ct[r, r + a] = -math.inf
         cv[r, r + a] = -math.inf
         hit = (torch.maximum(ct.amax(dim=1), cv.amax(dim=1)) > low).nonzero().squeeze(1)

@@ -33,7 +33,7 @@ GPU_TILE = (8192, 65536)
 # At most this many valid rows: the dense path (core.mining.dense: all N x N scores, in blocks of query
 # rows, no candidate pass, no bounds); above it the tiled path. Measured crossover on one CPU thread:
 # docs/benchmarks.md section 2. Same scores, filters, counts and tie rule either way.
-DENSE_MAX_ROWS = 8192
+DENSE_MAX_ROWS = 4096
 
 
 def score_tolerance(dtype: torch.dtype) -> float:
