@@ -57,6 +57,30 @@ def summarise(doc: dict[str, Any]) -> None:
     doc["met"] = met
 
 
+def _verdict(ok: bool | None) -> str:
+    return "n/a (not measured)" if ok is None else ("met" if ok else "NOT met")
+
+
+def target_lines(doc: dict[str, Any]) -> list[str]:
+    """The CPU targets, one line each with its figures and met / NOT met."""
+    met = doc.get("met", {})
+    ratio = met.get("reference_over_exact", {})
+    figs = ", ".join(f"{int(n):,}: {r:.2f}x" for n, r in sorted(ratio.items(), key=lambda x: int(x[0])))
+    rec = met.get("fast_recall", {})
+    q = met.get("fast_recall_queries", {})
+    recs = ", ".join(f"{int(n):,}: {r:.4f} ({q.get(n, '?')} q)" for n, r in sorted(rec.items(), key=lambda x: int(x[0]))
+                     if r is not None)
+    speed = met.get("fast_1m_speedup_vs_exact")
+    rec_1m = rec.get(1_000_000, rec.get("1000000"))
+    fast_ok = None if speed is None or rec_1m is None else bool(speed >= 20 and rec_1m >= 0.99)
+    return [f"- exact at least as fast as brute force at every N (reference / exact: {figs or '-'}): "
+            f"{_verdict(met.get('exact_never_slower_than_reference'))}",
+            f"- exact faster than brute force from 100k on: {_verdict(met.get('exact_faster_from_100k'))}",
+            f"- fast recall@50 >= 0.99 on held-out queries ({recs or '-'}): {_verdict(met.get('fast_recall_99'))}",
+            "- fast at 1M >= 20x faster than exact, recall >= 0.99: "
+            + ("-" if speed is None else f"{speed:.1f}x, recall {rec_1m}") + f": {_verdict(fast_ok)}"]
+
+
 def print_report(doc: dict[str, Any]) -> None:
     rows = []
     for r in sorted(doc["rows"], key=lambda r: (r["n"], r["method"])):
@@ -69,7 +93,8 @@ def print_report(doc: dict[str, Any]) -> None:
                      "notes": r.get("mode") or rep.get("index") or ""})
     print(table(rows, ["N", "method", "CPU s", "peak RSS MiB", "working MiB", "recall@k", "notes"]))
     print("growth exponents:", {m: round(b, 2) for m, b in doc.get("exponents", {}).items()})
-    print("extrapolated:", doc.get("extrapolated"), "\nmet:", doc.get("met"))
+    print("extrapolated:", doc.get("extrapolated"))
+    print("targets (CPU):\n" + "\n".join(target_lines(doc)))
 
 
 def plot(doc: dict[str, Any], path: Path) -> Path:

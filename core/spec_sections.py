@@ -81,8 +81,8 @@ class MiningSpec(Strict):
         description="`exact`: every pair scored (symmetric tiles, threshold selection); `fast`: an inverted-file "
         "self-join over k-means lists of [text; image], recall measured on held-out queries",
     )
-    list_size: int = Field(default=512, ge=1, le=MAX_BATCH, description="fast: rows per inverted list (k-means cluster)")
-    probe: int = Field(default=8, ge=1, le=100_000, description="fast: lists each list's rows are compared with, its own "
+    list_size: int = Field(default=128, ge=1, le=MAX_BATCH, description="fast: rows per inverted list (k-means cluster)")
+    probe: int = Field(default=32, ge=1, le=100_000, description="fast: lists each list's rows are compared with, its own "
                        "included (more: higher recall, proportionally slower)")
     same_caption_threshold: float = Field(default=0.995, ge=-1.0, le=1.0,
                                           description="a text cosine above this is the same caption: never hard")

@@ -235,16 +235,17 @@ def test_data_through_a_real_s3_server(tmp_path):
 @pytest.fixture(scope="module")
 def gpu_smoke(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu")
-    # Everything but torch.compile (minutes on 2 CPU cores) and the fast path (covered above).
+    # Everything but torch.compile (minutes on 2 CPU cores).
     bgpu.main(["--smoke", "--out", str(out), "--only", "encode", "step_b32_eager", "step_b16_eager",
-               "mining_exact", "data", "jobpath", "mining_job"])
+               "mining_exact", "mining_fast", "data", "jobpath", "mining_job"])
     return json.loads((out / "gpu.json").read_text())
 
 
 def test_gpu_smoke_runs_every_phase_without_errors(gpu_smoke):
     assert gpu_smoke["done"] and gpu_smoke["smoke"] and not gpu_smoke["errors"] and not gpu_smoke["skipped"]
     ph = gpu_smoke["phases"]
-    assert set(ph) == {"encode", "step_b32_eager", "step_b16_eager", "mining_exact", "data", "jobpath", "mining_job"}
+    assert set(ph) == {"encode", "step_b32_eager", "step_b16_eager", "mining_exact", "mining_fast", "data", "jobpath",
+                       "mining_job"}
     rows = ph["jobpath"]["tiny"]
     assert [r["what"] for r in rows][:2] == ["embedding stage (images/s)", "training stage (samples/s)"]
     assert all(_finite_positive(r["ratio"]) for r in rows)
@@ -254,6 +255,9 @@ def test_gpu_smoke_runs_every_phase_without_errors(gpu_smoke):
     assert m["exact"]["complete"] and m["reference"]["complete"] and m["anchor_loop"]["single_product"]
     assert m["ratio_exact_to_reference"] == pytest.approx(m["exact"]["seconds_full"] / m["reference"]["seconds_full"])
     assert all(_finite_positive(r["images_per_s"]) for r in ph["data"]["rows"])
+    fast = ph["mining_fast"]
+    assert fast["exact"]["complete"] and 0.9 <= fast["recall_at_k"] <= 1.0 and fast["recall_queries"] == 2000
+    assert fast["speedup_vs_exact"] == pytest.approx(fast["exact"]["seconds_full"] / fast["fast_seconds"])
 
 
 def test_jobpath_main_times_the_job_against_open_clips_trainer(tmp_path):
@@ -288,6 +292,7 @@ def test_report_fills_the_gpu_section_idempotently(gpu_smoke, tmp_path):
     assert "old text" not in once and once.startswith("# before") and once.rstrip().endswith("# after")
     assert "smoke run, not a measurement" in once and "**Targets on the GPU**" in once
     assert "| step_b32_eager | tiny | 16 |" in once
+    assert "under 30 s" in once and "under 6 s with recall@50 >= 0.99" in once
     breport.main([str(src), "--doc", str(md)])
     assert md.read_text() == once
     assert json.loads((tmp_path / "saved" / "gpu.json").read_text()) == gpu_smoke

@@ -13,6 +13,23 @@ from tests.mining_reference import brute_force, pair_scores_reference
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(params=["dense", "tiled"])
+def exact_path(request, monkeypatch) -> str:
+    """Run a test on each of mine_exact's two paths: the threshold moved so that the named one is taken."""
+    import core.mining.exact as exact
+
+    monkeypatch.setattr(exact, "DENSE_MAX_ROWS", 10**9 if request.param == "dense" else 0)
+    return request.param
+
+
+@pytest.fixture
+def tiled(monkeypatch) -> None:
+    import core.mining.exact as exact
+
+    monkeypatch.setattr(exact, "DENSE_MAX_ROWS", 0)
+
+
 # Five pairs in 2-D whose cosines are easy to read off.
 TEXT = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0], [-0.6, -0.8]])
 IMAGE = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
@@ -34,8 +51,9 @@ def test_pair_scores_by_hand() -> None:
     assert dup[1, 2] == 0.0 and dup[0, 1] == pytest.approx(0.48)
 
 
-def test_mine_exact_by_hand() -> None:
+def test_mine_exact_by_hand(exact_path: str) -> None:
     mined = mine_exact(TEXT, IMAGE, top_k=4)
+    assert mined.report["path"] == exact_path
     # Row 0: 1 (0.48), then the 0-score ties 2 and 4 by lower index; 3 (same caption) removed; padded.
     assert mined.neighbors[0].tolist() == [1, 2, 4, -1]
     np.testing.assert_allclose(mined.scores[0, :3], [0.48, 0.0, 0.0], atol=1e-6)
@@ -51,7 +69,7 @@ def test_mine_exact_by_hand() -> None:
     assert mine_exact(TEXT, IMAGE, top_k=4, duplicate_threshold=0.95).report["duplicate_filtered"] == 2
 
 
-def test_invalid_rows_are_neither_queries_nor_candidates() -> None:
+def test_invalid_rows_are_neither_queries_nor_candidates(exact_path: str) -> None:
     valid = np.array([True, False, True, True, True])
     mined = mine_exact(TEXT, IMAGE, top_k=4, valid=valid)
     assert mined.neighbors[1].tolist() == [-1, -1, -1, -1]
@@ -59,14 +77,14 @@ def test_invalid_rows_are_neither_queries_nor_candidates() -> None:
     assert mined.report["valid_rows"] == 4
 
 
-def test_ties_at_the_cut_keep_the_lowest_indices() -> None:
+def test_ties_at_the_cut_keep_the_lowest_indices(exact_path: str) -> None:
     n = 3000
     text = torch.zeros(n, 2)
     text[:, 1] = 1.0
     text[0] = torch.tensor([1.0, 0.0])  # text cosine 0 with everyone: every score of row 0 is 0
     image = F.normalize(torch.randn(n, 2, generator=torch.Generator().manual_seed(0)), dim=-1)
     mined = mine_exact(text, image, top_k=7, block_size=16)
-    assert mined.neighbors[0].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert mined.neighbors[0].tolist() == [1, 2, 3, 4, 5, 6, 7] and mined.report["path"] == exact_path
 
 
 @pytest.mark.parametrize("k", [1, 3, 10, 40, 200])
@@ -114,7 +132,7 @@ def planted():
 
 
 @pytest.mark.parametrize("block_size,tile_cols", [(1, None), (37, 50), (128, 7), (300, None), (4096, 64)])
-def test_mine_exact_equals_brute_force(planted, block_size: int, tile_cols) -> None:
+def test_mine_exact_equals_brute_force(planted, tiled, block_size: int, tile_cols) -> None:
     text, image, valid, want = planted
     calls = []
     mined = mine_exact(text, image, top_k=10, valid=valid, block_size=block_size, tile_cols=tile_cols,
@@ -135,7 +153,31 @@ def test_mine_exact_equals_brute_force(planted, block_size: int, tile_cols) -> N
     assert r["valid_rows"] == valid.sum() and r["short_lists"] == 0
 
 
-def test_mine_exact_unclamped_equals_brute_force(planted) -> None:
+def test_mine_exact_dense_path_equals_brute_force(planted) -> None:
+    text, image, valid, want = planted
+    calls = []
+    mined = mine_exact(text, image, top_k=10, valid=valid, progress=lambda done, total: calls.append((done, total)))
+    assert mined.report["path"] == "dense" and len(valid) <= 300  # the default threshold picks it at this N
+    np.testing.assert_array_equal(mined.neighbors, want)
+    ref = pair_scores_reference(text, image)
+    rows = np.flatnonzero(valid)
+    np.testing.assert_allclose(mined.scores[rows], np.take_along_axis(ref[rows], want[rows], 1), atol=1e-5)
+    assert calls[-1] == (valid.sum(), valid.sum())
+    both = valid[:, None] & valid[None, :] & ~np.eye(len(valid), dtype=bool)
+    assert mined.report["same_caption_filtered"] == int(((ref == -1.0) & both).sum())
+
+
+def test_dense_rank_window_orders_ties_by_column() -> None:
+    from core.mining.dense import rank_window
+
+    vals = torch.tensor([[0.75, 0.5, 0.5, 0.5, 0.0, -0.0, -float("inf")], [1.0, 1.0, 0.2, 0.2, 0.1, 0.1, 0.1]])
+    idx = torch.tensor([[4, 9, 2, 7, 8, 3, 1], [6, 5, 3, 0, 9, 2, 4]])
+    got_v, got_i = rank_window(vals, idx, 6)
+    assert got_i.tolist() == [[4, 2, 7, 9, 3, 8], [5, 6, 0, 3, 2, 4]]
+    assert got_v[0].tolist() == [0.75, 0.5, 0.5, 0.5, 0.0, 0.0] and got_v[1, :2].tolist() == [1.0, 1.0]
+
+
+def test_mine_exact_unclamped_equals_brute_force(planted, exact_path: str) -> None:
     text, image, valid, _ = planted
     want = brute_force(text, image, valid, 5, clamp_negative=False, duplicate_threshold=0.9)[0]
     mined = mine_exact(text, image, top_k=5, valid=valid, block_size=64, clamp_negative=False, duplicate_threshold=0.9)
@@ -170,26 +212,37 @@ def _dyadic(n: int, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     return text, image
 
 
+_BRUTE: dict = {}
+
+
 @pytest.mark.parametrize("n,block_size,tile_cols,top_k", [(203, 1, 17, 5), (203, 16, None, 7), (311, 64, 33, 12),
                                                           (97, 4096, None, 20), (150, 13, 150, 149)])
-def test_exact_known_answers_with_ties_and_duplicates(n: int, block_size: int, tile_cols, top_k: int) -> None:
-    """Rows, neighbours, scores (bit for bit) and tie order equal the loop reference."""
+def test_exact_known_answers_with_ties_and_duplicates(n: int, block_size: int, tile_cols, top_k: int,
+                                                     exact_path: str) -> None:
+    """Rows, neighbours, scores (bit for bit) and tie order equal the loop reference, on both paths."""
     text, image = _dyadic(n, seed=n)
     valid = np.random.default_rng(n).random(n) > 0.05
     for filters in ({}, {"clamp_negative": False}, {"duplicate_threshold": 0.5, "same_caption_threshold": 0.75}):
-        want, want_vals = brute_force(text, image, valid, top_k, **filters)
-        for buffer in (None, 3 * top_k):  # one cut at the end, or many along the way
+        key = (n, top_k, tuple(sorted(filters.items())))
+        if key not in _BRUTE:  # the loop reference, once for both paths
+            _BRUTE[key] = brute_force(text, image, valid, top_k, **filters)
+        want, want_vals = _BRUTE[key]
+        for buffer in (None, 3 * top_k) if exact_path == "tiled" else (None,):  # one cut at the end, or many
             mined = mine_exact(text, image, top_k=top_k, valid=valid, block_size=block_size, tile_cols=tile_cols,
                                window=3 * top_k, buffer=buffer, **filters)
             np.testing.assert_array_equal(mined.neighbors, want)
             np.testing.assert_array_equal(mined.scores, want_vals.astype(np.float32))  # NaN pads compare equal
+            assert mined.report["path"] == exact_path
             assert buffer is None or mined.report["cuts"] >= 2
         ref = pair_scores_reference(text, image, **filters)
         both = valid[:, None] & valid[None, :] & ~np.eye(n, dtype=bool)
         assert mined.report["same_caption_filtered"] == int(((ref == -1.0) & both).sum())
+        dup_thr = filters.get("duplicate_threshold", 0.98)
+        dup = both & (ref != -1.0) & ((text @ text.T > dup_thr) | (image @ image.T > dup_thr)).numpy()
+        assert mined.report["duplicate_filtered"] == int(dup.sum())
 
 
-def test_exact_counts_agree_between_the_dense_and_sparse_tile_paths(planted) -> None:
+def test_exact_counts_agree_between_the_dense_and_sparse_tile_paths(planted, tiled) -> None:
     text, image, valid, _ = planted
     sparse = mine_exact(text, image, top_k=10, valid=valid, block_size=32, tile_cols=40)
     dense = mine_exact(text, image, top_k=10, valid=valid, block_size=32, tile_cols=40, window=5)  # no bound
@@ -301,7 +354,7 @@ def test_spec_mining_options_and_removed_fields() -> None:
     assert err.value.param == "mining.probe"
 
 
-def test_exact_equals_the_plain_query_path_at_scale() -> None:
+def test_exact_equals_the_plain_query_path_at_scale(exact_path: str) -> None:
     """Thousands of rows, several stripes and column tiles, many cuts, invalid rows: the bounded, symmetric
     miner gives exactly the lists of the plain path (every query against every column, no bounds)."""
     from core.mining.exact import exact_rows
@@ -310,7 +363,7 @@ def test_exact_equals_the_plain_query_path_at_scale() -> None:
     text, image = _clustered(3000, 30, seed=4)
     valid = np.random.default_rng(4).random(3000) > 0.03
     mined = mine_exact(text, image, top_k=20, valid=valid, block_size=128, tile_cols=700, buffer=5000)
-    assert mined.report["cuts"] > 5 and mined.report["tiles"] > 20
+    assert mined.report["path"] == "dense" or (mined.report["cuts"] > 5 and mined.report["tiles"] > 20)
     rows = np.flatnonzero(valid)
     sub = torch.from_numpy(rows)
     want = exact_rows(text[sub], image[sub], torch.arange(len(rows)), 20, Filters()).numpy()

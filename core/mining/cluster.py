@@ -50,3 +50,31 @@ def kmeans(t: torch.Tensor, v: torch.Tensor, clusters: int, *, iters: int = 8, s
 def default_lists(n: int, per_list: float) -> int:
     """Number of clusters for about `per_list` rows each (at least 1)."""
     return max(1, int(math.ceil(n / per_list)))
+
+
+def kmeans_two_level(t: torch.Tensor, v: torch.Tensor, clusters: int, *, iters: int = 8, sample: int = 64,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kmeans` in two levels: about sqrt(clusters) coarse clusters, then each split into its share of
+    `clusters` (in proportion to its rows). Training and assigning cost N x 2 sqrt(clusters) products
+    instead of N x clusters: what makes thousands of small lists affordable at 1M rows. Same outputs."""
+    n = t.shape[0]
+    clusters = max(1, min(clusters, n))
+    coarse = max(1, round(math.sqrt(clusters)))
+    if coarse < 2:
+        return kmeans(t, v, clusters, iters=iters, sample=sample, seed=seed)
+    _, top = kmeans(t, v, coarse, iters=iters, sample=sample, seed=seed)
+    order = torch.sort(top, stable=True).indices
+    sizes = torch.bincount(top, minlength=coarse).tolist()
+    parts, assign = [], torch.empty(n, dtype=torch.int64, device=t.device)
+    start, made = 0, 0
+    for j, size in enumerate(sizes):
+        if size == 0:
+            continue
+        rows = order[start:start + size]
+        start += size
+        c, a = kmeans(t[rows], v[rows], max(1, round(clusters * size / n)), iters=iters, sample=sample,
+                      seed=seed + 1 + j)
+        parts.append(c)
+        assign[rows] = a + made
+        made += c.shape[0]
+    return torch.cat(parts), assign

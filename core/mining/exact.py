@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from core.mining.cluster import default_lists, kmeans
+from core.mining.dense import mine_dense
 from core.mining.scores import Filters, MinedPairs, Progress, _check_top_k, _prepare, _topk_lowest_index, dup_count, tile_scores
 from core.mining.select import LOWEST, TopK
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 # Tile shapes: CPU tiles stay in cache; GPU tiles are large enough to fill the device.
 CPU_TILE = (256, 1024)
 GPU_TILE = (8192, 65536)
+# At most this many valid rows: the dense path (core.mining.dense: all N x N scores, in blocks of query
+# rows, no candidate pass, no bounds); above it the tiled path. Measured crossover on one CPU thread:
+# docs/benchmarks.md section 2. Same scores, filters, counts and tie rule either way.
+DENSE_MAX_ROWS = 4096
 
 
 def score_tolerance(dtype: torch.dtype) -> float:
@@ -174,6 +179,8 @@ def mine_exact(
 ) -> MinedPairs:
     """Exact top_k hard pairs of every valid row (score descending, lower row index first on ties).
 
+    Up to DENSE_MAX_ROWS valid rows the dense path runs (core.mining.dense: every pair scored
+    directly), above it the tiled path of the module's docstring; report["path"] says which.
     block_size bounds the rows of a tile. kernel: "auto" (Triton on CUDA when available), "torch" or
     "triton". window: rows of the candidate pass per query (default from N and top_k); tile_cols
     (tests) overrides the columns of a tile, buffer (tests) the pairs held before a cut.
@@ -194,11 +201,17 @@ def mine_exact(
                     "tile_cols": cols, "kernel": "triton" if triton else "torch", "counted_over": "all_pairs"}
     # same-caption pairs, duplicate pairs (unordered), lines of tiles scored in full (no positive bound), tiles
     counts = [0, 0, 0, 0]
+    per_pair = 2
     idx = val = None
     with torch.no_grad():
         if nv < n_all:
             t, v = t[rows_of], v[rows_of]  # only valid rows take part; their order (the tie rule) is kept
-        if nv:
+        if nv and nv <= DENSE_MAX_ROWS:
+            idx, val = mine_dense(t, v, top_k, f, counts, progress)
+            report.update(path="dense", kernel="torch")
+            per_pair = 1  # the dense path counts ordered pairs, the tiled one each unordered pair once
+        elif nv:
+            report["path"] = "tiled"
             w = window or max(4 * top_k, min(4096, nv // 16))
             bound = candidate_bounds(t, v, top_k, f, window=w, seed=seed)
             sel = TopK(nv, top_k, dev, bound=bound, col_ordered=not triton, buffer=buffer)
@@ -225,7 +238,7 @@ def mine_exact(
             scores[rows_of.cpu().numpy()] = val.cpu().numpy()
     if progress is not None and not nv:
         progress(0, 0)
-    report.update(same_caption_filtered=2 * counts[0], duplicate_filtered=2 * counts[1], self_skipped=nv,
+    report.update(same_caption_filtered=per_pair * counts[0], duplicate_filtered=per_pair * counts[1], self_skipped=nv,
                   short_lists=int((neighbors[valid_np, -1] == -1).sum()), seconds=round(time.perf_counter() - t0, 3))
     return MinedPairs(neighbors=neighbors, scores=scores, report=report, valid=valid_np)
 

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from core.errors import SpecError
-from core.mining.cluster import default_lists, kmeans
+from core.mining.cluster import default_lists, kmeans, kmeans_two_level
 from core.mining.exact import exact_rows
 from core.mining.scores import Filters, MinedPairs, Progress, _check_top_k, _prepare, _topk_lowest_index, dup_count, tile_scores
 from core.mining.select import sort_triples
 
-LIST_SIZE = 512  # rows per inverted list (k-means cluster)
-PROBE = 8  # lists each list is joined with (itself included)
+LIST_SIZE = 128  # rows per inverted list (k-means cluster)
+PROBE = 32  # lists each list is joined with (itself included)
+TWO_LEVEL_FROM = 256  # above this many lists, k-means runs in two levels (core.mining.cluster.kmeans_two_level)
 
 
 def _rank(vals: torch.Tensor, cols: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +151,10 @@ def mine_fast(
         probe_used = min(probe, lists)
         if nv:
             t1 = time.perf_counter()
-            centroids, assign = kmeans(t, v, lists, iters=kmeans_iters, sample=kmeans_sample, seed=seed)
+            cluster = kmeans_two_level if lists > TWO_LEVEL_FROM else kmeans
+            centroids, assign = cluster(t, v, lists, iters=kmeans_iters, sample=kmeans_sample, seed=seed)
+            lists = centroids.shape[0]  # two levels round each coarse cluster's share
+            probe_used = min(probe, lists)
             report["kmeans_seconds"] = round(time.perf_counter() - t1, 3)
             near = torch.topk(centroids @ centroids.T, probe_used, dim=1).indices
             idx, val = _join(t, v, assign, near, top_k, f, progress, counts)
