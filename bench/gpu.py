@@ -257,7 +257,7 @@ def phase_mining_job(cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
     del t, v
     spec = resolve_spec({"model": {"name": "ViT-B-32"}, "data": {"train": "unused.csv"}})
     t0 = time.perf_counter()
-    mined = _mine(spec, text, image, np.ones(n, dtype=bool), dev, CollectingReporter())
+    mined = _mine(spec, text, image, np.ones(n, dtype=bool), dev, CollectingReporter(), None)
     seconds = time.perf_counter() - t0
     return {"n": n, "seconds": seconds, "method": spec.mining.method, "report": mined.report,
             "under_30s": seconds < 30}
