@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # (name, seconds it needs at least, what it runs); ordered by what matters most if time runs short.
     phases: list[tuple[str, float, Callable[[], dict[str, Any]]]] = [
         ("encode", 20, lambda: phase_encode(cfg, dev)),
-        ("jobpath", 150, lambda: phase_jobpath(cfg, dev)),
+        ("jobpath", 300, lambda: phase_jobpath(cfg, dev)),
         ("mining_job", cfg["exact_cap_s"], lambda: phase_mining_job(cfg, dev)),
         ("step_b32_eager", 25, lambda: phase_step(cfg, dev, "b32", "b32_batch", compile_model=False)),
         ("data", 45, lambda: phase_data(cfg, dev, run.doc["phases"].get("encode", {}))),

@@ -124,6 +124,29 @@ def render(doc: dict[str, Any]) -> str:
                        f"{fast.get('recall_queries', '?')} held-out queries: {fast_s:.1f} s, recall {rec:.4f} -> "
                        f"{_verdict(fast_s < 6 and rec >= 0.99)}")
 
+    job = ph.get("jobpath")
+    if job:
+        rows = []
+        for model, model_rows in job.items():
+            if not isinstance(model_rows, list):
+                continue
+            for r in model_rows:
+                rows.append({"model": model, **{k: r.get(k) for k in ("what", "job", "reference", "reference is",
+                                                                     "ratio")}})
+                goal = {"embedding stage (images/s)": 0.9, "training stage (samples/s)": 0.95}.get(r.get("what"))
+                if goal is not None and r.get("ratio") is not None:
+                    targets.append(f"- job path, {model}: {r['what']} at least {goal}x the {r['reference is']}: "
+                                   f"{r['ratio']:.3f} -> {_verdict(r['ratio'] >= goal)}")
+        out += ["**The job's own path** (`bench.jobpath` through run_job with every default: device decoding, "
+                "uint8 transfers, compile; section 5)", "",
+                table(rows, ["model", "what", "job", "reference", "reference is", "ratio"]), ""]
+    mjob = ph.get("mining_job")
+    if mjob:
+        out += [f"The job's own mining stage (core.pipeline._mine, {mjob.get('n', 0):,} float16 rows from host "
+                f"memory, {mjob.get('method')}): {mjob.get('seconds', float('nan')):.1f} s.", ""]
+        targets.append(f"- the job's mining stage at {mjob.get('n', 0):,} pairs under 30 s: "
+                       f"{mjob.get('seconds', float('nan')):.1f} s -> {_verdict(mjob.get('seconds', 99) < 30)}")
+
     data = ph.get("data")
     if data:
         rows = [{"model": r.get("model"), "source": r.get("source"), "workers": r.get("workers"),

@@ -293,6 +293,8 @@ def test_report_fills_the_gpu_section_idempotently(gpu_smoke, tmp_path):
     assert "smoke run, not a measurement" in once and "**Targets on the GPU**" in once
     assert "| step_b32_eager | tiny | 16 |" in once
     assert "under 30 s" in once and "under 6 s with recall@50 >= 0.99" in once
+    assert "**The job's own path**" in once and "- job path, tiny: embedding stage (images/s) at least 0.9x" in once
+    assert "the job's mining stage at 3,000 pairs under 30 s" in once
     breport.main([str(src), "--doc", str(md)])
     assert md.read_text() == once
     assert json.loads((tmp_path / "saved" / "gpu.json").read_text()) == gpu_smoke
