@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,13 +63,19 @@ class DeviceNormalize:
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # (mean * 255, 1 / (std * 255)) per device, made once: a tensor built from a list on a GPU is a copy the
+    # host waits for, which the training step must not do every step
+    _consts: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if images.dtype != torch.uint8:
             return images  # already normalised by the workers
-        shape = [1] * (images.ndim - 3) + [3, 1, 1]
-        mean = torch.tensor(self.mean, device=images.device, dtype=torch.float32).view(shape) * 255.0
-        inv = 1.0 / (torch.tensor(self.std, device=images.device, dtype=torch.float32).view(shape) * 255.0)
+        consts = self._consts.get(images.device)
+        if consts is None:
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1) * 255.0
+            inv = 1.0 / (torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1) * 255.0)
+            consts = self._consts[images.device] = (mean.to(images.device), inv.to(images.device))
+        mean, inv = consts
         return ((images.float() - mean) * inv).to(dtype)
 
 
