@@ -231,7 +231,7 @@ def phase_jobpath(cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
         args = jobpath.parser().parse_args([
             "--model", cfg[key], "--device", str(dev), "--n", str(cfg["job_n"]), "--batch", str(batch),
             "--embed-batch", str(cfg["encode_batch"]), "--steps", str(cfg["job_steps"]), "--bare-steps",
-            str(cfg["job_steps"] // 2), "--precision", cfg["precision"], "--no-open-clip",
+            str(cfg["job_steps"] // 2), "--precision", cfg["precision"], "--no-open-clip", "--repeats", "1",
             "--data", f"{ds['shards']},{ds['csv']}", "--out", str(work / f"jobpath_{key}.json"),
             *(["--compile"] if dev.type == "cuda" else [])])
         out[cfg[key]] = jobpath.run(args)["rows"]

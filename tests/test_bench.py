@@ -265,7 +265,8 @@ def test_jobpath_main_times_the_job_against_open_clips_trainer(tmp_path):
     from bench import jobpath
 
     doc = jobpath.main(["--n", "256", "--batch", "32", "--steps", "4", "--bare-steps", "2", "--embed-batch", "64",
-                        "--out", str(tmp_path / "jp.json")])
+                        "--repeats", "2", "--out", str(tmp_path / "jp.json")])
+    assert len(doc["repeats"]["open_clip_samples_per_s"]) == 2 and len(doc["repeats"]["job_train_samples_per_s"]) == 2
     rows = {(r["what"], r["reference is"]): r for r in doc["rows"]}
     assert ("training stage (samples/s)", "open_clip_train.main, same data") in rows
     for r in doc["rows"]:
