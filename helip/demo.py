@@ -19,32 +19,38 @@ from helip.client import Client, HelipAPIError
 from helip.terminal import TerminalReporter, metrics_table
 from helip.watch import LiveLine
 
-# Sized so that the first run (world + base model + job) stays under 10 minutes on 2 CPU cores: the
-# controlled experiment's 8.1M-parameter base (`tiny-rn16` in experiments/helip_synth.py: a small
-# ModifiedResNet image tower, which learns shape early, unlike the shape-blind tiny ViT, and the tests'
-# text tower), pretrained for half the experiment's steps, and a 5,000-pair world.
+# Sized to show what the controlled experiment (docs/results.md) measured, within 10 minutes for the first run
+# (world + base + job) on 2 idle CPU cores. HELIP's zero-shot gain needs a base whose image tower already half-sees
+# shape, and grows with the fine-tuning: so the experiment's world (8,000 pairs) and base recipe (its 8.1M-parameter
+# `tiny-rn16`, pretrained 1,000 steps), and 400 steps at lr 5e-4 per run (1.6 epochs of targets; the experiment
+# runs 500 at 3e-4, and two runs of 500 do not fit the 10 minutes). The previous demo (5,000 pairs, a 500-step base,
+# 156 steps at 3e-4) showed HELIP ahead on retrieval but level with the control on zero-shot acc1. 200 zero-shot
+# images a class (9,600), so that the zero-shot number is not noise: the standard error of acc1 there is 0.005,
+# and HELIP leads the control by 0.023 (train seed 0) and 0.015 (seed 1) on it (README, the demo's table).
+# lr 5e-4 rather than the experiment's 3e-4: the same job at 3e-4 (seed 0) gave +0.020, at lower accuracy for both.
 DEMO_NAME = "helip-demo-rn16"
 DEMO_CONFIG = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
 }
-DEMO_WORLD = {"n_train": 5000, "image_size": 32, "seed": 0}
-DEMO_PRETRAIN = {"steps": 500, "batch_size": 128, "lr": 1e-3, "seed": 0, "workers": 1,
+DEMO_WORLD = {"n_train": 8000, "zeroshot_per_class": 200, "image_size": 32, "seed": 0}
+DEMO_PRETRAIN = {"steps": 1000, "batch_size": 128, "lr": 1e-3, "seed": 0, "workers": 1,
                  "config": DEMO_CONFIG, "name": DEMO_NAME}
 
 
-def demo_spec(world, base: Path) -> dict[str, Any]:
+def demo_spec(world, base: Path, seed: int = 0) -> dict[str, Any]:
     """The job the demo submits: HELIP with 3 hard pairs per target, the plain control of equal length, and the
     forgetting guard (WiSE-FT at alpha 0.5 too; the best mean of the eval metrics that keeps zero-shot acc1
-    within 0.01 of the input model)."""
+    within 0.01 of the input model). Zero-shot and retrieval only: the table shows no linear probe, and each of
+    the job's six evaluations would fit one. `seed` is train.seed (the demo runs 0; other seeds check the effect)."""
     return {
         "model": {"name": DEMO_NAME, "config": DEMO_CONFIG, "pretrained": str(base)},
         "data": {"train": str(world.train_csv), "workers": 1},
         "mining": {"top_k": 50, "method": "exact"},
         "helip": {"hard_per_target": 3, "sample_from": 50, "gamma": 0.3},
-        "train": {"epochs": 1, "batch_size": 128, "lr": 3e-4, "warmup": 0.05, "seed": 0, "checkpoint_every": 50},
-        "eval": world.eval_spec(),
+        "train": {"epochs": 1.6, "batch_size": 128, "lr": 5e-4, "warmup": 0.05, "seed": seed, "checkpoint_every": 50},
+        "eval": {**world.eval_spec(), "linear_probe": []},
         "control": True,
         "guard": {"wise_alphas": [0.5], "protect": {"shapes/acc1": 0.01}},
     }
