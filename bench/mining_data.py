@@ -1,7 +1,8 @@
 """Embeddings for the mining benchmark: the synthetic world's base CLIP scaled up by perturbation, or planted clusters.
 
-The seed set is what a HELIP job mines: the demo's synthetic world (5,000 training pairs) embedded by
-the demo's base model pretrained on it (both cached, as `helip demo` does). To reach N = 100k or 1M
+The seed set is what a HELIP job mines: a synthetic world of 5,000 training pairs embedded by the
+demo's base architecture pretrained on it for 500 steps (both cached; the sizes are the benchmark's
+own, SEED_WORLD and SEED_PRETRAIN, so the demo can change without changing these figures). To reach N = 100k or 1M
 rows, each seed pair is repeated with Gaussian noise added to both of its embeddings and the rows
 renormalised: neighbourhoods keep the structure the model learnt (shapes, colours, captions that
 share attributes) instead of planted clusters. The noise is small enough that a copy's nearest rows
@@ -21,10 +22,12 @@ CACHE = Path(os.environ.get("HELIP_BENCH_CACHE", "/tmp/helip-bench"))
 DUP_FRACTION = 0.01  # planted near-duplicate images (cosine ~0.99 to another row)
 SAME_CAPTION_FRACTION = 0.01  # planted pairs sharing one caption (identical text embedding)
 NOISE = 0.35  # norm of the added noise relative to the unit embedding (cosine to the seed ~0.94)
+SEED_WORLD = {"n_train": 5000, "image_size": 32, "seed": 0}
+SEED_PRETRAIN_STEPS = 500
 
 
 def base_embeddings(cache: Path = CACHE) -> tuple[np.ndarray, np.ndarray]:
-    """The world's training pairs embedded by its pretrained base model ([5000, 96] text and image, fp32)."""
+    """The world's training pairs embedded by its pretrained base model ([5000, d] text and image, fp32)."""
     path = cache / "world_base_emb.npz"
     if path.exists():
         with np.load(path) as z:
@@ -33,18 +36,19 @@ def base_embeddings(cache: Path = CACHE) -> tuple[np.ndarray, np.ndarray]:
     from core.embed import embed_pairs
     from core.io import Access
     from core.models import load_model
-    from helip.demo import DEMO_CONFIG, DEMO_NAME, DEMO_PRETRAIN, DEMO_WORLD
+    from helip.demo import DEMO_CONFIG, DEMO_NAME, DEMO_PRETRAIN
     from synthworld.pretrain import pretrain_base
     from synthworld.world import generate_world
 
-    world = generate_world(cache / "world", **DEMO_WORLD)
-    base = pretrain_base(world.train_csv, cache / "base" / f"{DEMO_NAME}.pt", **DEMO_PRETRAIN)
+    world = generate_world(cache / "world", **SEED_WORLD)
+    base = pretrain_base(world.train_csv, cache / "base" / f"{DEMO_NAME}.pt",
+                         **{**DEMO_PRETRAIN, "steps": SEED_PRETRAIN_STEPS})
     access = Access()
     loaded = load_model(DEMO_NAME, config=DEMO_CONFIG, pretrained=str(base), access=access)
     index = build_index(str(world.train_csv), access=access)
     emb = embed_pairs(loaded, index, access, device=torch.device("cpu"), batch_size=256, workers=0)
     valid = index.valid_mask()
-    text, image = emb.text[valid], emb.image[valid]
+    text, image = emb.text[valid].astype(np.float32), emb.image[valid].astype(np.float32)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
     np.savez(tmp, text=text, image=image)
