@@ -154,9 +154,15 @@ def _guard(spec: JobSpec, workdir: Path, metrics: dict, steps: int, access: Acce
     input_state = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
     boosted = load_state(final_path(workdir, "helip"))["state_dict"]
     wise = []
+    # The ends are the input and the boosted weights exactly (wise_state returns them unchanged: tested), so
+    # their evaluations are the ones already made; only the points in between are evaluated here.
+    ends = {0.0: baseline, 1.0: metrics["helip"]}
     for alpha in sorted({0.0, 1.0, *g.wise_alphas}):
-        model.model.load_state_dict(wise_state(input_state, boosted, alpha))
-        m = _evaluate(f"wise_{alpha:g}", model, spec, access, dev, workdir, reporter, report=False)
+        if alpha in ends:
+            m = ends[alpha]
+        else:
+            model.model.load_state_dict(wise_state(input_state, boosted, alpha))
+            m = _evaluate(f"wise_{alpha:g}", model, spec, access, dev, workdir, reporter, report=False)
         wise.append({"source": "wise", "step": steps, "alpha": alpha, **judge(m, baseline, g)})
     final = {"source": "final", "step": steps, "alpha": None, **judge(metrics["helip"], baseline, g)}
     keeper = StepKeeper(workdir, "helip", g, baseline)

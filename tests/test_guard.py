@@ -105,9 +105,18 @@ def test_guard_in_run_job_wise_ends_reproduce_input_and_boosted(world, tmp_path)
     curves = doc["guard"]
     by_alpha = {w["alpha"]: w["metrics"] for w in curves["wise"]}
     assert set(by_alpha) == {0.0, 0.5, 1.0}
-    assert by_alpha[0.0] == doc["baseline"]  # exactly, not approximately
-    assert by_alpha[1.0] == doc["helip"]
+    assert by_alpha[0.0] == doc["baseline"] and by_alpha[1.0] == doc["helip"]  # the job reuses those evaluations
     assert doc["baseline"] != doc["helip"]
+    # ... because the interpolation's ends are those models: evaluated here, alpha 0 gives the input model's
+    # metrics and alpha 1 the boosted model's, exactly, not approximately
+    spec = parse_spec(guard_spec(world, protect={"retrieval/image_retrieval_recall@5": 0.0}))
+    m = load_model(NAME, config=TINY, pretrained=None)
+    input_state = {k: v.detach().clone() for k, v in m.model.state_dict().items()}
+    boosted = torch.load(res.artifacts["checkpoint:helip"], weights_only=True)["state_dict"]
+    for alpha, want in ((0.0, doc["baseline"]), (1.0, doc["helip"])):
+        m.model.load_state_dict(wise_state(input_state, boosted, alpha))
+        assert evaluate(m.model, m.preprocess_val, m.tokenizer, spec.eval, access=Access(), device="cpu",
+                        batch_size=256) == want, alpha
     # eval.every: steps 2 and 4 evaluated, on the step metrics and on the checkpoint rows
     evaluated = [s for s in rep.steps if s["run"] == "helip" and "shapes/acc1" in s]
     assert [s["step"] for s in evaluated] == [2, 4]
