@@ -41,6 +41,9 @@ def spec(world, shards: int) -> dict:
     s = job_spec(world, steps=2, checkpoint_every=1000)
     s["eval"] = {}
     s["mining"]["shards"] = shards
+    # every job here mines the same data: without this the cache (core.cache) would hand the sharded jobs
+    # the unsharded job's table, and nothing would be sharded
+    s["mining"]["cache"] = False
     return s
 
 

@@ -180,7 +180,8 @@ def mine_exact(
     """Exact top_k hard pairs of every valid row (score descending, lower row index first on ties).
 
     Up to DENSE_MAX_ROWS valid rows the dense path runs (core.mining.dense: every pair scored
-    directly), above it the tiled path of the module's docstring; report["path"] says which.
+    directly; not when kernel="triton" is asked for), above it the tiled path of the module's docstring;
+    report["path"] says which.
     block_size bounds the rows of a tile. kernel: "auto" (Triton on CUDA when available), "torch" or
     "triton". window: rows of the candidate pass per query (default from N and top_k); tile_cols
     (tests) overrides the columns of a tile, buffer (tests) the pairs held before a cut.
@@ -206,7 +207,7 @@ def mine_exact(
     with torch.no_grad():
         if nv < n_all:
             t, v = t[rows_of], v[rows_of]  # only valid rows take part; their order (the tie rule) is kept
-        if nv and nv <= DENSE_MAX_ROWS:
+        if nv and nv <= DENSE_MAX_ROWS and kernel != "triton":  # a kernel asked for by name is the tiled path's
             idx, val = mine_dense(t, v, top_k, f, counts, progress)
             report.update(path="dense", kernel="torch")
             per_pair = 1  # the dense path counts ordered pairs, the tiled one each unordered pair once
