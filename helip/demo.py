@@ -19,15 +19,16 @@ from helip.client import Client, HelipAPIError
 from helip.terminal import TerminalReporter, metrics_table
 from helip.watch import LiveLine
 
-# Sized to show what the controlled experiment (docs/results.md) measured, within 10 minutes for the first run
-# (world + base + job) on 2 idle CPU cores. HELIP's zero-shot gain needs a base whose image tower already half-sees
-# shape, and grows with the fine-tuning: so the experiment's world (8,000 pairs) and base recipe (its 8.1M-parameter
-# `tiny-rn16`, pretrained 1,000 steps), and 400 steps at lr 5e-4 per run (1.6 epochs of targets; the experiment
-# runs 500 at 3e-4, and two runs of 500 do not fit the 10 minutes). The previous demo (5,000 pairs, a 500-step base,
-# 156 steps at 3e-4) showed HELIP ahead on retrieval but level with the control on zero-shot acc1. 200 zero-shot
-# images a class (9,600), so that the zero-shot number is not noise: the standard error of acc1 there is 0.005,
-# and HELIP leads the control by 0.023 (train seed 0) and 0.015 (seed 1) on it (README, the demo's table).
-# lr 5e-4 rather than the experiment's 3e-4: the same job at 3e-4 (seed 0) gave +0.020, at lower accuracy for both.
+# Sized to show what the controlled experiment (docs/results.md) measured. HELIP's zero-shot gain needs a base
+# whose image tower already half-sees shape, and grows with the fine-tuning: so the experiment's world (8,000
+# pairs) and base recipe (its 8.1M-parameter `tiny-rn16`, pretrained 1,000 steps), and 400 steps at lr 5e-4 per
+# run (1.6 epochs of targets; the experiment runs 500 at 3e-4). The first run takes about 17 minutes on 2 idle
+# CPU cores (8 of them the base's pretraining, cached for later runs): over the 10 minutes the previous demo fit,
+# which (5,000 pairs, a 500-step base, 156 steps at 3e-4) showed HELIP ahead on retrieval but level with the
+# control on zero-shot acc1. 200 zero-shot images a class (9,600), so that the zero-shot number is not noise: the
+# standard error of acc1 there is 0.005, and HELIP led the control by 0.0165 to 0.023 on it (README, the demo's
+# table). lr 5e-4 rather than the experiment's 3e-4: the same job at 3e-4 (seed 0) gave +0.020, at lower accuracy
+# for both.
 DEMO_NAME = "helip-demo-rn16"
 DEMO_CONFIG = {
     "embed_dim": 128,
