@@ -142,15 +142,21 @@ def read_grouped(index: PairIndex, rows: list[int], access: dio.Access, *,
     return out
 
 
+# JPEGs larger than this go to the workers' decoder (one image at a time per worker, within MAX_IMAGE_PIXELS):
+# a batch of device-decoded images near that limit would need all their pixels on the device at once.
+DEVICE_MAX_PIXELS = 4096 * 4096
+
+
 def jpeg_or_none(data: bytes) -> bytes | None:
-    """`data` when it is a JPEG the device decodes as the CPU would (RGB or greyscale, within the pixel
-    limit); None sends it to the CPU decoder (PNG, CMYK JPEG, anything odd: that path says what is wrong)."""
+    """`data` when it is a JPEG the device decodes as the CPU would (RGB or greyscale, at most
+    DEVICE_MAX_PIXELS); None sends it to the CPU decoder (PNG, CMYK JPEG, a huge or odd image: that path
+    applies its own limits and says what is wrong)."""
     if not data.startswith(b"\xff\xd8\xff"):
         return None
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:  # the header only
             w, h = im.size
-            ok = im.mode in ("RGB", "L") and 0 < w * h <= MAX_IMAGE_PIXELS
+            ok = im.mode in ("RGB", "L") and 0 < w * h <= min(MAX_IMAGE_PIXELS, DEVICE_MAX_PIXELS)
     except Exception:
         return None
     return data if ok else None

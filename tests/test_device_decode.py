@@ -137,3 +137,24 @@ def test_a_job_decodes_on_the_device_when_asked(shards, tmp_path):
     assert started and started[0]["data"]["decode"] == "device"
     assert res.summary["data"]["bad"] >= 1 and res.summary["data"].get("corrupt image", 0) >= 1
     assert len([s for s in rep.steps if s["run"] == "helip"]) >= 2
+
+
+def test_only_plain_jpegs_of_bounded_size_go_to_the_device():
+    """The header decides: baseline RGB/greyscale JPEGs up to DEVICE_MAX_PIXELS go to the device; a larger
+    one, a CMYK one, a PNG or bytes that only start like a JPEG go to the workers' decoder and its limits."""
+    from core.decoding import DEVICE_MAX_PIXELS, jpeg_or_none
+
+    def jpeg(size: tuple[int, int], mode: str = "RGB") -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, format="JPEG", quality=50)
+        return buf.getvalue()
+
+    side = int(DEVICE_MAX_PIXELS ** 0.5)
+    assert jpeg_or_none(jpeg((64, 48))) is not None and jpeg_or_none(jpeg((64, 48), "L")) is not None
+    assert jpeg_or_none(jpeg((side, side))) is not None
+    assert jpeg_or_none(jpeg((side + 1, side))) is None
+    assert jpeg_or_none(jpeg((64, 48), "CMYK")) is None
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    assert jpeg_or_none(png.getvalue()) is None
+    assert jpeg_or_none(b"\xff\xd8\xff" + b"\x00" * 64) is None
