@@ -161,7 +161,7 @@ class JobCache:
             return
         import torch
 
-        from core.device_decode import decode_mode, plan_device_decode
+        from core.device_decode import input_pipeline
         from core.fingerprint import data_fingerprint, model_description, weights_digest
         from core.train import resolve_precision
 
@@ -173,8 +173,9 @@ class JobCache:
             weights=weights_digest(miner.model),
             model=model_description(miner.name, config, miner.preprocess_val, miner.tokenizer),
             data=fingerprint, precision=str(dtype).removeprefix("torch.") if dtype is not None else "float32",
-            decode="device" if decode_mode(spec.data.decode, torch.device(device))
-            and plan_device_decode(miner.preprocess_val) is not None else "workers")
+            # where embed_pairs will decode, decided by the same function it uses
+            decode="device" if input_pipeline(miner.preprocess_val, torch.device(device), spec.data.decode)[2]
+            else "workers")
         self.inputs[EMBEDDINGS], self.keys[EMBEDDINGS] = inputs, digest(inputs)
         self.inputs[HARD_PAIRS] = pairs_inputs(self.keys[EMBEDDINGS], spec.mining, int(spec.train.seed or 0))
         self.keys[HARD_PAIRS] = digest(self.inputs[HARD_PAIRS])

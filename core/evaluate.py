@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from core.data import ImageListDataset, PairDataset, build_index, collate_images, collate_pairs, read_image_folder
 from core.errors import DataError, SpecError
-from core.loading import device_transform
+from core.loading import device_transform, make_loader
 from core.metrics import linear_probe_metrics, retrieval_metrics, zeroshot_metrics
 from core.progress import Reporter
 
@@ -155,9 +155,8 @@ class _Evaluator:
             self.reporter.progress("evaluating", self.done, self.total)
 
     def loader(self, dataset, collate) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate,
-                          shuffle=False, pin_memory=self.device.type == "cuda",
-                          prefetch_factor=4 if self.workers else None)
+        return make_loader(dataset, workers=self.workers, device=self.device, batch_size=self.batch_size,
+                           collate_fn=collate, shuffle=False)
 
     def folder_features(self, items: list[tuple[str, int]], root: str, param: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Encode a listed ImageFolder: (features, labels, n_bad)."""

@@ -35,17 +35,16 @@ def default_workers(device: torch.device, world_size: int = 1, cores: int | None
     return max(1, min(MAX_AUTO_WORKERS, per_process - 1))
 
 
-def loader_kwargs(workers: int, device: torch.device) -> dict[str, Any]:
-    """DataLoader options of every loader of a job: pinned memory on a GPU, and with workers: kept alive
-    across epochs and four batches in flight per worker."""
-    kw: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
-    if workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=4)
-    return kw
+def resolve_workers(requested: int | None, device: torch.device, world_size: int = 1) -> int:
+    """data.workers as given, or default_workers when the spec leaves it unset."""
+    return requested if requested is not None else default_workers(device, world_size)
 
 
-def make_loader(dataset, *, workers: int, device: torch.device, **kw: Any) -> DataLoader:
-    return DataLoader(dataset, **loader_kwargs(workers, device), **kw)
+def make_loader(dataset, *, workers: int, device: torch.device, persistent: bool = False, **kw: Any) -> DataLoader:
+    """Every loader of a job: pinned memory on a GPU; with workers, four batches in flight per worker, and
+    with `persistent` (a training run's loader, read once per epoch) workers kept alive across passes."""
+    extra: dict[str, Any] = {"persistent_workers": persistent, "prefetch_factor": 4} if workers > 0 else {}
+    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda", **extra, **kw)
 
 
 def close_loader(loader: DataLoader) -> None:

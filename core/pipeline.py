@@ -28,7 +28,7 @@ from core.evaluate import eval_size, evaluate
 from core.guard import SELECTED_RUN, StepKeeper, judge, plot_curves, select, wise_state
 from core.io import Access
 from core.layout import final_path
-from core.loading import default_workers
+from core.loading import resolve_workers
 from core.mining import MinedPairs, read_hard_pairs, write_hard_pairs
 from core.mining.shards import ShardBackend
 from core.mining.stage import mine_stage
@@ -115,9 +115,6 @@ def fp32_accumulation() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = flag
 
 
-def _workers(spec: JobSpec, device) -> int:
-    """data.workers, or the default for one process on this host (core.loading.default_workers)."""
-    return spec.data.workers if spec.data.workers is not None else default_workers(torch.device(device))
 
 
 def _evaluate(name: str, loaded: LoadedModel | None, spec: JobSpec, access: Access, device, workdir: Path,
@@ -127,8 +124,9 @@ def _evaluate(name: str, loaded: LoadedModel | None, spec: JobSpec, access: Acce
         return json.loads(cache.read_text())
     assert loaded is not None, f"{name}: no cached evaluation and no model"
     res = evaluate(loaded.model, loaded.preprocess_val, loaded.tokenizer, spec.eval, access=access,
-                   device=device, batch_size=spec.eval.batch_size, workers=_workers(spec, device),
-                   precision=spec.train.precision, reporter=reporter)
+                   device=device, batch_size=spec.eval.batch_size,
+                   workers=resolve_workers(spec.data.workers, torch.device(device)), precision=spec.train.precision,
+                   reporter=reporter)
     for ds, vals in res.items() if report else ():
         reporter.eval_result(name, ds, vals)
     cache.write_text(json.dumps(res, indent=1))
@@ -261,7 +259,7 @@ def run_job(spec: JobSpec | dict, workdir: Path, *, access: Access | None = None
     else:
         miner = miner or _miner(spec, loaded, access, dev, workdir, weights_cache)
         emb = embed_pairs(miner, index, access, device=dev, batch_size=spec.mining.batch_size,
-                          workers=_workers(spec, dev), precision=spec.train.precision, reporter=reporter,
+                          workers=resolve_workers(spec.data.workers, dev), precision=spec.train.precision, reporter=reporter,
                           decode=spec.data.decode)
         save_embeddings(emb_path, emb, index.valid_mask())
         reporter.event(f"embedded {emb.report['pairs']} pairs at {emb.report['pairs_per_second']:.0f}/s",

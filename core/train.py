@@ -25,7 +25,7 @@ from core.families import model_family
 from core.guard import StepKeeper
 from core.io import Access
 from core.layout import eval_cache_path, final_path, state_path
-from core.loading import close_loader, default_workers, make_loader, ssl_transform
+from core.loading import close_loader, make_loader, resolve_workers, ssl_transform
 from core.losses import HelipLoss, SimCLRLoss
 from core.models import LoadedModel, load_state, prepare_for_training, save_checkpoint, unwrap
 from core.progress import Reporter
@@ -167,10 +167,11 @@ def train_run(plan: RunPlan, *, loaded: LoadedModel, index: PairIndex, access: A
         ssl_transform(clip_tf, loaded.preprocess_val, unwrap(loaded.model)) if ssl_fn else clip_tf, device,
         spec.data.decode)
     dataset = PairDataset(index, access, transform, loaded.tokenizer, tokens=tokens, jpeg_passthrough=decoder is not None)
-    workers = spec.data.workers if spec.data.workers is not None else default_workers(device, world_size)
+    workers = resolve_workers(spec.data.workers, device, world_size)
     # One loader for the whole run: its workers live across epochs (the sampler is told the epoch before
     # each pass and is iterated in this process, so a resumed or new epoch needs no new workers).
-    loader = make_loader(dataset, workers=workers, device=device, batch_sampler=sampler, collate_fn=collate_pairs)
+    loader = make_loader(dataset, workers=workers, device=device, persistent=True, batch_sampler=sampler,
+                         collate_fn=collate_pairs)
     hard_table = mask_table(table, h.sample_from, device) if plan.hard_per_target else None
 
     step, epoch, start_batch = 0, 0, 0

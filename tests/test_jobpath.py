@@ -4,7 +4,6 @@ each piece against the plain way it replaced, with known answers."""
 from __future__ import annotations
 
 import functools
-import multiprocessing
 
 import numpy as np
 import pytest
@@ -158,10 +157,28 @@ def test_evaluation_stage_reloads_no_model_and_reproduces_a_separate_evaluation(
                 assert res.metrics[run][ds][metric] == pytest.approx(v, abs=1e-6), (run, ds, metric)
 
 
-def test_persistent_workers_end_with_the_run(world, tmp_path):
-    """Two epochs through one loader with a worker process; no worker is left once the run returns."""
-    spec = tiny_spec(world, control=False, data__workers=1, train__max_steps=None, train__epochs=2,
-                     train__batch_size=64)
-    res = run_job(spec, tmp_path, reporter=CollectingReporter())
-    assert res.summary["steps"] >= 2
-    assert [p for p in multiprocessing.active_children() if "Worker" in type(p).__name__ or p.daemon] == []
+def test_persistent_workers_live_across_passes_and_close_loader_ends_them():
+    """A training loader keeps its worker across epochs (the same process serves both passes), and
+    close_loader ends it at once instead of when the loader is collected."""
+    import os
+
+    from core.loading import close_loader, make_loader
+
+    class Pids(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> int:
+            return os.getpid()
+
+    loader = make_loader(Pids(), workers=1, device=torch.device("cpu"), persistent=True, batch_size=2)
+    first = {int(x) for b in loader for x in b}
+    second = {int(x) for b in loader for x in b}
+    assert first == second and os.getpid() not in first  # one worker, alive across both passes
+    worker = loader._iterator._workers[0]  # type: ignore[union-attr]
+    assert worker.is_alive()
+    close_loader(loader)
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    one_pass = make_loader(Pids(), workers=1, device=torch.device("cpu"), batch_size=2)
+    assert not one_pass.persistent_workers  # embedding and evaluation loaders are read once
