@@ -47,6 +47,11 @@ def spec(world, shards: int) -> dict:
     return s
 
 
+def succeeded_with_the_unsharded_table(service: Service, job: dict, plain, tmp_path: Path) -> None:
+    assert job["status"] == "succeeded" and job["attempts"] == 1, json.dumps(job)[:3000]
+    assert_same_table(hard_pairs(service, job["id"], tmp_path), plain)
+
+
 def hard_pairs(service: Service, job_id: str, tmp_path: Path):
     pairs = service.http.get(f"/jobs/{job_id}/hard-pairs").json()
     path = tmp_path / f"{job_id}.parquet"
@@ -105,8 +110,7 @@ def test_two_workers_mine_one_jobs_shards_and_the_table_is_the_unsharded_one(ser
         for w in (a, b):
             if w is not None:
                 service.stop(w)
-    assert job["status"] == "succeeded" and job["attempts"] == 1, json.dumps(job)[:3000]
-    assert_same_table(hard_pairs(service, job_id, tmp_path), plain)
+    succeeded_with_the_unsharded_table(service, job, plain, tmp_path)
     assert job["result"]["summary"]["mining"]["shards"] == 8
 
     rows = shard_rows(service, job_id)
@@ -152,8 +156,7 @@ def test_a_worker_killed_holding_a_shard_does_not_lose_the_job(service: Service,
         for w in (a, b):
             if w is not None:
                 service.stop(w)
-    assert job["status"] == "succeeded" and job["attempts"] == 1, json.dumps(job)[:3000]
-    assert_same_table(hard_pairs(service, job_id, tmp_path), plain)
+    succeeded_with_the_unsharded_table(service, job, plain, tmp_path)
     rows = shard_rows(service, job_id)
     assert all(r.status == "done" and r.worker_id.startswith("keep@") for r in rows), [
         (r.shard, r.status, r.worker_id) for r in rows]
